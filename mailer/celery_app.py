@@ -1,0 +1,29 @@
+"""The Celery application, configured from mailer's settings. `worker.py` exposes it to `celery -A worker`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from mailer.config import get_settings
+
+
+def make_app() -> Celery:
+    settings = get_settings()
+    app = Celery("mailer", broker=settings.broker_url or "memory://", include=["mailer.tasks"])
+    app.conf.update(
+        # A task is acknowledged only after it ran, so a worker killed mid-task leaves it for another.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Redis re-delivers unacknowledged tasks after this many seconds; keep it far above the longest task.
+        broker_transport_options={"visibility_timeout": 3600},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app()

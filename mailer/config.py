@@ -1,0 +1,202 @@
+"""One typed settings object, read from `MAILER_*` environment variables (and `.env`).
+
+Settings are loaded once per process by `get_settings()`. A bad value stops the program with one
+sentence that names the variable (see `describe_error`), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+log = logging.getLogger(__name__)
+
+# Secrets that people copy from examples: refusing them makes a forgotten placeholder a start-up error.
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "changethis", "please-change", "xxx"}
+SECRET_FILE = Path(".mailer-secret")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILER_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./mailer.db"
+    broker_url: str = ""
+    smtp_url: str = ""
+    smtp_timeout: float = Field(default=30.0, gt=0)
+    outbox_dir: Path = Path("./outbox")
+    base_url: str = "http://127.0.0.1:8000"
+    secret_key: str = ""
+    from_: str = Field(default="Newsletter <newsletter@localhost>", alias="MAILER_FROM")
+    admin_token: str = ""
+
+    # The list's identity for the List-Id header and the mailto unsubscribe address.
+    list_id: str = ""
+    unsubscribe_mailto: str = ""
+    site_name: str = "Truth and Resistance"
+
+    confirm_ttl_hours: float = Field(default=48.0, gt=0)
+    send_welcome: bool = True
+    confirm_resend_minutes: float = Field(default=10.0, ge=0)
+    confirm_daily_cap: int = Field(default=5, ge=1)
+    signup_rate_limit: str = "10/minute"
+    rate_limit_storage_url: str = ""
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    check_deliverability: bool = False
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _generated_key: str | None = PrivateAttr(default=None)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("is not a database URL such as sqlite:///./mailer.db") from None
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// URL")
+        if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
+            # Plain postgresql:// would pick psycopg2, which we do not install.
+            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in {"redis", "rediss", "amqp", "memory"}:
+            raise ValueError("must be empty or a redis://host:6379/0 URL")
+        return value
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in {"smtp", "smtps"} or not parts.hostname:
+                raise ValueError("must be empty or smtp://user:pass@host:port or smtps://…")
+            try:
+                parts.port  # noqa: B018 - reading it validates the port.
+            except ValueError:
+                raise ValueError("has a port that is not a number") from None
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL such as https://news.example.org")
+        return value.rstrip("/")
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str) -> str:
+        from email.headerregistry import Address
+        from email.utils import parseaddr
+
+        name, addr = parseaddr(value)
+        if "@" not in addr or any(ch in value for ch in "\r\n"):
+            raise ValueError("must be an address such as 'Newsletter <news@example.org>'")
+        Address(display_name=name, addr_spec=addr)
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: str) -> str:
+        if value and (value.lower() in PLACEHOLDER_SECRETS or len(value) < 16):
+            raise ValueError("is a placeholder or shorter than 16 characters; use a long random value")
+        return value
+
+    @field_validator("signup_rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("must look like '10/minute'") from None
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for item in value:
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    raise ValueError(f"has {item!r}, which is not an IP address or network") from None
+        return value
+
+    @property
+    def from_address(self) -> str:
+        from email.utils import parseaddr
+
+        return parseaddr(self.from_)[1]
+
+    @property
+    def list_domain(self) -> str:
+        return self.from_address.rpartition("@")[2] or "localhost"
+
+    @property
+    def list_id_header(self) -> str:
+        list_id = self.list_id or f"newsletter.{self.list_domain}"
+        return f"{self.site_name} <{list_id}>"
+
+    @property
+    def unsubscribe_address(self) -> str:
+        return self.unsubscribe_mailto or f"unsubscribe@{self.list_domain}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def signing_key(self) -> str:
+        """The secret key; when none is set, one is generated once and kept in `.mailer-secret`."""
+        if self.secret_key:
+            return self.secret_key
+        if self._generated_key is None:
+            if SECRET_FILE.exists():
+                self._generated_key = SECRET_FILE.read_text().strip()
+            else:
+                self._generated_key = secrets.token_urlsafe(32)
+                SECRET_FILE.write_text(self._generated_key + "\n")
+                SECRET_FILE.chmod(0o600)
+                log.warning(
+                    "MAILER_SECRET_KEY is not set: generated one and kept it in %s; "
+                    "set it explicitly when several machines share the database",
+                    SECRET_FILE.resolve(),
+                )
+        return self._generated_key
+
+
+def describe_error(error: ValidationError) -> str:
+    """One sentence per bad setting, naming the environment variable."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        name = field if field.startswith("MAILER_") else f"MAILER_{field.upper().rstrip('_')}"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name} {message}.")
+    return " ".join(lines)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

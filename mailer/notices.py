@@ -1,0 +1,94 @@
+"""Transactional mails to one subscriber: the confirmation and the welcome.
+
+`send_notice` is what the Celery task and the in-process runner call. It claims the notice row
+first, re-checks the subscriber at the moment of sending, and records the result, so running it
+twice sends one mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from mailer import render, store, tokens
+from mailer.config import get_settings
+from mailer.db import session_scope
+from mailer.errors import MailerError
+from mailer.models import Notice, NoticeKind, NoticeState, Status, Subscriber
+from mailer.sender import Envelope, Outcome, transport_for
+
+log = logging.getLogger(__name__)
+
+
+class TemporaryFailure(MailerError):
+    """The mail could not go out now; the notice is pending again and the task should retry."""
+
+
+def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
+    settings = get_settings()
+    context: dict[str, Any] = {
+        "name": subscriber.name,
+        "email": subscriber.email,
+        "frequency": subscriber.frequency.value,
+        "categories": [c.name for c in subscriber.categories],
+        **tokens.urls(subscriber.id),
+    }
+    if kind is NoticeKind.confirm:
+        assert subscriber.confirm_nonce is not None
+        context["confirm_url"] = f"{settings.base_url}/confirm/{tokens.confirm_token(subscriber.id, subscriber.confirm_nonce)}"
+        context["ttl_hours"] = int(settings.confirm_ttl_hours)
+        # A confirmation goes to someone who has not agreed yet: no preference links in it.
+        del context["unsubscribe_url"], context["preferences_url"]
+    return context
+
+
+def _still_wanted(notice: Notice, subscriber: Subscriber | None) -> bool:
+    if subscriber is None:
+        return False
+    if notice.kind is NoticeKind.confirm:
+        return subscriber.status is not Status.confirmed and subscriber.confirm_nonce is not None
+    return subscriber.status is Status.confirmed
+
+
+def send_notice(notice_id: int) -> str:
+    """Send one notice; returns its final state. Raises TemporaryFailure when it should be retried."""
+    settings = get_settings()
+    with session_scope() as session:
+        if not store.claim_notice(session, notice_id):
+            return "already-claimed"
+    with session_scope() as session:
+        notice = session.get(Notice, notice_id)
+        assert notice is not None
+        subscriber = store.subscriber(session, notice.subscriber_id)
+        if not _still_wanted(notice, subscriber):
+            store.finish_notice(session, notice_id, NoticeState.skipped)
+            return NoticeState.skipped.value
+        assert subscriber is not None
+        context = _context(subscriber, notice.kind)
+        headers = {} if notice.kind is NoticeKind.confirm else render.list_headers(
+            unsubscribe_url=context["unsubscribe_url"])
+        message = render.build_message(
+            render.render(notice.kind.value, context), to_email=subscriber.email, to_name=subscriber.name,
+            headers=headers,
+        )
+        envelope = Envelope(settings.from_address, subscriber.email, render.to_bytes(message))
+        message_id = str(message["Message-ID"])
+
+    async def deliver() -> Any:
+        transport = transport_for(settings)
+        try:
+            return await transport.send(envelope)
+        finally:
+            await transport.close()
+
+    result = asyncio.run(deliver())
+    with session_scope() as session:
+        if result.outcome is Outcome.sent:
+            store.finish_notice(session, notice_id, NoticeState.sent, message_id=message_id)
+            return NoticeState.sent.value
+        if result.outcome is Outcome.permanent:
+            store.finish_notice(session, notice_id, NoticeState.failed, error=f"{result.code} {result.text}")
+            return NoticeState.failed.value
+        store.finish_notice(session, notice_id, NoticeState.pending, error=f"{result.code} {result.text}")
+    raise TemporaryFailure(f"notice {notice_id}: {result.code} {result.text}")

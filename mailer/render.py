@@ -1,0 +1,94 @@
+"""Templates to mail: subject, text and HTML from `templates/email/<kind>/`, then message bytes.
+
+Rendering returns a value (`Rendered`); `build_message` turns it and a recipient into an
+EmailMessage with the list headers; `to_bytes` serialises it with a line length of 998 so long
+List-Unsubscribe URLs are never folded into encoded words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid, parseaddr
+from functools import lru_cache
+from typing import Any
+
+import css_inline
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from mailer import TEMPLATES_DIR
+from mailer.config import get_settings
+from mailer.subscriptions import clean_name
+
+POLICY = SMTP.clone(max_line_length=998)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(TEMPLATES_DIR / "email"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def _inliner() -> css_inline.CSSInliner:
+    return css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
+
+
+def render(kind: str, context: dict[str, Any]) -> Rendered:
+    """Render `<kind>/subject.txt`, `body.txt` and `body.html`; the subject is one line."""
+    env = environment()
+    settings = get_settings()
+    context = {"site_name": settings.site_name, "base_url": settings.base_url, **context}
+    subject = " ".join(env.get_template(f"{kind}/subject.txt").render(context).split())
+    text = env.get_template(f"{kind}/body.txt").render(context)
+    html = _inliner().inline(env.get_template(f"{kind}/body.html").render(context))
+    return Rendered(subject=subject, text=text, html=html)
+
+
+def list_headers(*, unsubscribe_url: str) -> dict[str, str]:
+    """RFC 2369 / RFC 8058 list headers carried by every mail to a subscriber."""
+    settings = get_settings()
+    return {
+        "List-Id": settings.list_id_header,
+        "List-Unsubscribe": f"<{unsubscribe_url}>, <mailto:{settings.unsubscribe_address}?subject=unsubscribe>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+
+
+def build_message(rendered: Rendered, *, to_email: str, to_name: str = "", headers: dict[str, str] | None = None
+                  ) -> EmailMessage:
+    settings = get_settings()
+    from_name, from_addr = parseaddr(settings.from_)
+    message = EmailMessage(policy=POLICY)
+    message["Subject"] = rendered.subject
+    message["From"] = Address(display_name=from_name, addr_spec=from_addr)
+    message["To"] = Address(display_name=clean_name(to_name), addr_spec=to_email)
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = make_msgid(domain=settings.list_domain)
+    for name, value in {**rendered.headers, **(headers or {})}.items():
+        if any(ch in value for ch in "\r\n"):
+            raise ValueError(f"header {name} holds a line break")
+        message[name] = value
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+def to_bytes(message: EmailMessage) -> bytes:
+    return message.as_bytes(policy=POLICY)

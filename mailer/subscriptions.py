@@ -1,0 +1,232 @@
+"""Every subscription state change, each recorded as a consent event.
+
+    (new) ──subscribe──▶ pending ──confirm──▶ confirmed ──unsubscribe──▶ unsubscribed
+                                                 │                         │
+                                                 ├──bounce──▶ bounced      └─subscribe+confirm─▶ confirmed
+                                                 └──complaint──▶ complained
+
+A sign-up answers the same whatever the address's state, so callers must not tell the person
+what happened; the functions here return what was done for the caller's own bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from datetime import timedelta
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy.orm import Session
+
+from mailer import store, tokens
+from mailer.config import get_settings
+from mailer.errors import InvalidEmail, InvalidInput, NotFound, UsedToken
+from mailer.models import ConsentEvent, Frequency, Notice, NoticeKind, Status, Subscriber, utcnow
+
+NAME_MAX = 200
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a change came from: the channel (form, api, one-click, email…), and the client."""
+
+    channel: str
+    ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a reader picks on a form; an empty category list means every category."""
+
+    name: str = ""
+    categories: tuple[str, ...] = ()
+    frequency: Frequency = Frequency.daily
+
+
+def normalize_email(raw: str) -> tuple[str, str]:
+    """Return (normalised address, unique key), or raise InvalidEmail with a sentence for a person."""
+    raw = (raw or "").strip()
+    if not raw:
+        raise InvalidEmail("Please enter your email address.")
+    if len(raw) > 320 or any(unicodedata.category(ch) == "Cc" for ch in raw):
+        raise InvalidEmail("That email address is not valid.")
+    try:
+        result = validate_email(raw, check_deliverability=get_settings().check_deliverability)
+    except EmailNotValidError as error:
+        raise InvalidEmail(f"That email address is not valid: {error}") from None
+    return result.normalized, result.normalized.lower()
+
+
+def clean_name(raw: str | None) -> str:
+    """A display name with control characters (CR, LF, NUL…) turned into spaces, so no header can be injected."""
+    text = "".join(" " if unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} else ch for ch in raw or "")
+    text = " ".join(text.split())
+    if len(text) > NAME_MAX:
+        raise InvalidInput("name", f"Please keep your name under {NAME_MAX} characters.")
+    return text
+
+
+def _record(session: Session, subscriber: Subscriber | None, action: str, origin: Origin, **details: object) -> None:
+    session.add(
+        ConsentEvent(
+            subscriber_id=subscriber.id if subscriber else None,
+            action=action,
+            ip=origin.ip,
+            user_agent=(origin.user_agent or "")[:400] or None,
+            channel=origin.channel,
+            details=details,
+        )
+    )
+
+
+def _apply_choices(session: Session, subscriber: Subscriber, choices: Choices) -> None:
+    subscriber.name = clean_name(choices.name)
+    subscriber.frequency = Frequency(choices.frequency)
+    found = store.categories_by_slug(session, choices.categories)
+    unknown = sorted(set(choices.categories) - {c.slug for c in found})
+    if unknown:
+        raise InvalidInput("categories", f"Unknown category: {', '.join(unknown)}.")
+    subscriber.categories = found
+
+
+def _queue_confirmation(session: Session, subscriber: Subscriber) -> Notice | None:
+    """Queue a confirmation mail unless the address had one within the last minutes or hit its daily cap."""
+    settings = get_settings()
+    now = utcnow()
+    recent = store.notices_since(
+        session, subscriber.id, NoticeKind.confirm, now - timedelta(minutes=settings.confirm_resend_minutes)
+    )
+    today = store.notices_since(session, subscriber.id, NoticeKind.confirm, now - timedelta(days=1))
+    if recent or today >= settings.confirm_daily_cap:
+        return None
+    if subscriber.confirm_nonce is None:
+        subscriber.confirm_nonce = secrets.token_urlsafe(12)
+    notice = Notice(subscriber_id=subscriber.id, kind=NoticeKind.confirm)
+    session.add(notice)
+    session.flush()
+    return notice
+
+
+def subscribe(session: Session, *, email: str, choices: Choices, origin: Origin) -> Notice | None:
+    """Sign an address up for double opt-in; returns the confirmation notice to send, if any."""
+    address, key = normalize_email(email)
+    subscriber = store.subscriber_by_email(session, key, for_update=True)
+    if subscriber is None:
+        subscriber = Subscriber(email=address, email_key=key, status=Status.pending)
+        _apply_choices(session, subscriber, choices)
+        session.add(subscriber)
+        session.flush()
+        _record(session, subscriber, "subscribe", origin, categories=list(choices.categories),
+                frequency=str(choices.frequency))
+        return _queue_confirmation(session, subscriber)
+    if subscriber.status == Status.confirmed:
+        # Already confirmed: nothing to do, and nothing may change on an unauthenticated request.
+        return None
+    if subscriber.status == Status.complained:
+        # Someone who marked our mail as spam is never mailed again, not even to confirm.
+        return None
+    _apply_choices(session, subscriber, choices)
+    _record(session, subscriber, "subscribe", origin, categories=list(choices.categories),
+            frequency=str(choices.frequency), previous_status=str(subscriber.status))
+    return _queue_confirmation(session, subscriber)
+
+
+def _confirmable(session: Session, subscriber_id: int, nonce: object) -> Subscriber:
+    subscriber = store.subscriber(session, subscriber_id, for_update=True)
+    if subscriber is None:
+        raise NotFound("This subscription no longer exists.")
+    if subscriber.confirm_nonce is None or not isinstance(nonce, str) \
+            or not secrets.compare_digest(subscriber.confirm_nonce, nonce):
+        raise UsedToken(subscriber.id)
+    return subscriber
+
+
+def check_confirm_token(session: Session, token: str) -> Subscriber:
+    """The subscriber a confirm link is for, if the link is valid, unexpired and unused."""
+    payload = tokens.read(tokens.Purpose.confirm, token, max_age=get_settings().confirm_ttl_hours * 3600)
+    return _confirmable(session, payload[0], payload[1] if len(payload) > 1 else None)
+
+
+def confirm(session: Session, *, token: str, origin: Origin) -> tuple[Subscriber, Notice | None]:
+    """Confirm a subscription from its link; returns the welcome notice to send, if any."""
+    subscriber = check_confirm_token(session, token)
+    subscriber.status = Status.confirmed
+    subscriber.confirmed_at = utcnow()
+    subscriber.unsubscribed_at = None
+    subscriber.confirm_nonce = None
+    _record(session, subscriber, "confirm", origin)
+    welcome = None
+    if get_settings().send_welcome:
+        welcome = Notice(subscriber_id=subscriber.id, kind=NoticeKind.welcome)
+        session.add(welcome)
+        session.flush()
+    return subscriber, welcome
+
+
+def resend_confirmation(session: Session, *, subscriber_id: int, origin: Origin) -> Notice | None:
+    """A fresh confirmation mail for someone whose link expired (rate limits apply)."""
+    subscriber = store.subscriber(session, subscriber_id, for_update=True)
+    if subscriber is None or subscriber.status in {Status.confirmed, Status.complained}:
+        return None
+    _record(session, subscriber, "resend-confirmation", origin)
+    return _queue_confirmation(session, subscriber)
+
+
+def update_preferences(session: Session, *, subscriber: Subscriber, choices: Choices, origin: Origin) -> None:
+    before = {
+        "name": subscriber.name,
+        "categories": [c.slug for c in subscriber.categories],
+        "frequency": str(subscriber.frequency),
+    }
+    _apply_choices(session, subscriber, choices)
+    _record(session, subscriber, "preferences", origin, before=before,
+            after={"name": subscriber.name, "categories": list(choices.categories),
+                   "frequency": str(subscriber.frequency)})
+
+
+def unsubscribe(session: Session, *, subscriber_id: int, origin: Origin) -> Subscriber:
+    """Unsubscribe at once; doing it again changes nothing and is not an error."""
+    subscriber = store.subscriber(session, subscriber_id, for_update=True)
+    if subscriber is None:
+        raise NotFound("This subscription no longer exists.")
+    if subscriber.status in {Status.pending, Status.confirmed}:
+        subscriber.status = Status.unsubscribed
+        subscriber.unsubscribed_at = utcnow()
+        subscriber.confirm_nonce = None
+        _record(session, subscriber, "unsubscribe", origin)
+    return subscriber
+
+
+def add_by_admin(
+    session: Session, *, email: str, choices: Choices, confirmed: bool, source: str, welcome: bool, origin: Origin
+) -> tuple[Subscriber, Notice | None, bool]:
+    """Add someone on an admin's word. Returns (subscriber, notice to send, created)."""
+    address, key = normalize_email(email)
+    subscriber = store.subscriber_by_email(session, key, for_update=True)
+    created = subscriber is None
+    if subscriber is not None and subscriber.status in {Status.unsubscribed, Status.bounced, Status.complained}:
+        # An admin cannot undo a reader's own decision to leave; the reader must sign up again.
+        raise InvalidInput("email", f"This address is {subscriber.status.value}; only its owner can subscribe it again.")
+    if subscriber is None:
+        subscriber = Subscriber(email=address, email_key=key, status=Status.pending)
+        session.add(subscriber)
+    _apply_choices(session, subscriber, choices)
+    session.flush()
+    notice: Notice | None = None
+    if confirmed:
+        if subscriber.status != Status.confirmed:
+            subscriber.status = Status.confirmed
+            subscriber.confirmed_at = utcnow()
+            subscriber.confirm_nonce = None
+        _record(session, subscriber, "admin-add", origin, source=source, confirmed=True)
+        if welcome:
+            notice = Notice(subscriber_id=subscriber.id, kind=NoticeKind.welcome)
+            session.add(notice)
+            session.flush()
+    else:
+        _record(session, subscriber, "admin-add", origin, source=source, confirmed=False)
+        if subscriber.status != Status.confirmed:
+            notice = _queue_confirmation(session, subscriber)
+    return subscriber, notice, created

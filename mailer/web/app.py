@@ -1,0 +1,65 @@
+"""The FastAPI application: public pages, the admin API, /healthz, and readable errors."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mailer import __version__
+from mailer.db import engine
+from mailer.errors import InvalidInput, MailerError, NotFound, RateLimited
+from mailer.web import api, public
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def _validation_sentence(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p not in {"body", "query", "path"})
+        parts.append(f"{where or 'request'}: {item.get('msg', 'is not valid')}")
+    return "; ".join(parts) + "."
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None)
+    app.include_router(public.router)
+    app.include_router(api.router)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        with engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> Response:
+        return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
+
+    @app.exception_handler(MailerError)
+    async def _mailer_error(request: Request, error: MailerError) -> Response:
+        status = 404 if isinstance(error, NotFound) else 429 if isinstance(error, RateLimited) else 400
+        detail = str(error)
+        if isinstance(error, InvalidInput):
+            status, detail = 422, error.message
+        if _is_api(request):
+            body: dict[str, str] = {"detail": detail}
+            if isinstance(error, InvalidInput):
+                body["field"] = error.field
+            return JSONResponse(body, status_code=status)
+        return public.message(request, "Something is not right", [detail], status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if _is_api(request) or request.url.path in {"/healthz", "/docs", "/openapi.json"}:
+            return JSONResponse({"detail": error.detail}, status_code=error.status_code,
+                                headers=getattr(error, "headers", None))
+        heading = "Page not found" if error.status_code == 404 else "Something is not right"
+        return public.message(request, heading, [str(error.detail)], error.status_code)
+
+    return app
