@@ -1,0 +1,118 @@
+"""Links in mails: GET and HEAD change nothing; bad, foreign and expired tokens get clear pages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from mailer import queue, tokens
+from mailer.db import session_scope
+from mailer.models import ConsentEvent, Notice, Status
+from tests.conftest import SmtpSink, sign_up, subscriber_row
+from tests.mails import body_link, confirm_link, header_unsubscribe_link
+
+
+def snapshot() -> tuple[int, int, list[tuple[int, str]]]:
+    from mailer.models import Subscriber
+
+    with session_scope() as session:
+        events = session.scalar(select(func.count()).select_from(ConsentEvent)) or 0
+        notices = session.scalar(select(func.count()).select_from(Notice)) or 0
+        rows = [(s.id, s.status.value) for s in session.scalars(select(Subscriber).order_by(Subscriber.id))]
+    return events, notices, rows
+
+
+def test_get_and_head_of_every_link_change_nothing(client: TestClient, smtp: SmtpSink) -> None:
+    """Mail scanners open links with GET and HEAD; none of that may confirm, unsubscribe or save."""
+    sign_up(client, "scan@example.org")
+    confirm = confirm_link(smtp.wait_for(1)[0])
+    before = snapshot()
+    for _ in range(2):
+        assert client.get(confirm).status_code == 200
+        assert client.head(confirm).status_code == 200
+    assert snapshot() == before
+    assert subscriber_row("scan@example.org").status is Status.pending
+
+    client.post(confirm)
+    queue.drain()
+    welcome = smtp.wait_for(2)[1]
+    links = [header_unsubscribe_link(welcome), body_link(welcome, "unsubscribe"), body_link(welcome, "preferences"),
+             confirm]
+    before = snapshot()
+    for link in links:
+        for method in ("GET", "HEAD"):
+            assert client.request(method, link).status_code < 500, (method, link)
+    assert snapshot() == before
+    assert subscriber_row("scan@example.org").status is Status.confirmed
+    assert len(smtp.messages) == 2
+
+
+@pytest.mark.parametrize("path", ["confirm", "unsubscribe", "preferences"])
+def test_tampered_garbage_and_foreign_tokens_get_400_never_500(client: TestClient, smtp: SmtpSink, path: str) -> None:
+    """A token altered by one character, a token for another purpose, and garbage all get a 400 page."""
+    sign_up(client, "tamper@example.org")
+    subscriber_id = subscriber_row("tamper@example.org").id
+    good = {"confirm": confirm_link(smtp.wait_for(1)[0]).rsplit("/", 1)[1],
+            "unsubscribe": tokens.unsubscribe_token(subscriber_id),
+            "preferences": tokens.preferences_token(subscriber_id)}[path]
+    flipped = good[:-3] + ("A" if good[-3] != "A" else "B") + good[-2:]
+    foreign = tokens.make(tokens.Purpose.csrf, subscriber_id)
+    before = snapshot()
+    for token in (flipped, foreign, "garbage", "x" * 2000, "%00", "WzFd.awbikQ.q_tXAgw1jAvZwGHqNENi8mP_3fE"):
+        for method in ("GET", "POST"):
+            response = client.request(method, f"/{path}/{token}")
+            assert response.status_code in {400, 404}, (method, token, response.status_code)
+            assert "not valid" in response.text or "not found" in response.text.lower()
+    assert snapshot() == before
+
+
+def test_expired_confirm_link_offers_a_fresh_mail(client: TestClient, smtp: SmtpSink,
+                                                  env: Callable[..., None]) -> None:
+    """After its lifetime a confirm link confirms nothing and offers a new mail, which works."""
+    env(confirm_ttl_hours=str(1 / 3600), confirm_resend_minutes="0")
+    sign_up(client, "late@example.org")
+    link = confirm_link(smtp.wait_for(1)[0])
+    time.sleep(2.1)
+    page = client.get(link)
+    assert page.status_code == 410
+    assert "Send me a new link" in page.text
+    assert client.post(link).status_code == 410
+    assert subscriber_row("late@example.org").status is Status.pending
+
+    env(confirm_ttl_hours="48")
+    assert client.post(f"{link}/resend").status_code == 200
+    queue.drain()
+    fresh = smtp.wait_for(2)[1]
+    assert client.post(confirm_link(fresh)).status_code == 200
+    assert subscriber_row("late@example.org").status is Status.confirmed
+
+
+def test_confirm_link_works_once(client: TestClient, smtp: SmtpSink) -> None:
+    """A second POST of a used link confirms nothing new and sends no second welcome."""
+    sign_up(client, "once@example.org")
+    link = confirm_link(smtp.wait_for(1)[0])
+    assert client.post(link).status_code == 200
+    queue.drain()
+    second = client.post(link)
+    assert second.status_code == 200
+    assert "already subscribed" in second.text
+    queue.drain()
+    assert len(smtp.messages) == 2
+
+
+def test_unsubscribe_token_never_expires_and_gone_subscriber_is_fine(client: TestClient, smtp: SmtpSink) -> None:
+    """Unsubscribe links carry no expiry; a POST for a deleted subscriber still answers 200."""
+    sign_up(client, "gone@example.org")
+    row = subscriber_row("gone@example.org")
+    token = tokens.unsubscribe_token(row.id)
+    assert tokens.read(tokens.Purpose.unsubscribe, token, max_age=None)[0] == row.id
+    with session_scope() as session:
+        from mailer.models import Subscriber
+
+        session.delete(session.get(Subscriber, row.id))
+    assert client.post(f"/unsubscribe/{token}").status_code == 200
+    assert client.get(f"/unsubscribe/{token}").status_code == 200
