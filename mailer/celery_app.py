@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 
 from mailer.config import get_settings
 
 
-def make_app() -> Celery:
-    settings = get_settings()
-    app = Celery("mailer", broker=settings.broker_url or "memory://", include=["mailer.tasks"])
+def make_app(broker_url: str | None = None) -> Celery:
+    app = Celery("mailer", broker=broker_url or get_settings().broker_url or "memory://", include=["mailer.tasks"])
     app.conf.update(
         # A task is acknowledged only after it ran, so a worker killed mid-task leaves it for another.
         task_acks_late=True,
@@ -24,6 +25,12 @@ def make_app() -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@lru_cache(maxsize=4)
+def client_for(broker_url: str) -> Celery:
+    """An app that sends tasks by name to a broker; the web process never needs the task code loaded."""
+    return make_app(broker_url)
 
 
 app = make_app()

@@ -51,10 +51,11 @@ def dispatch(name: str, *ids: int) -> None:
     """Queue a job; call it only after the transaction that made its rows has committed."""
     if name not in _jobs():
         raise KeyError(name)
-    if get_settings().broker_url:
-        from mailer.celery_app import app
+    broker_url = get_settings().broker_url
+    if broker_url:
+        from mailer.celery_app import client_for
 
-        app.send_task(f"mailer.{name}", args=list(ids))
+        client_for(broker_url).send_task(f"mailer.{name}", args=list(ids))
         return
     global _executor
     with _lock:

@@ -1,0 +1,88 @@
+"""The command line: settings checked at start, `db upgrade`, and `serve` on a fresh SQLite file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+MAILER = [sys.executable, "-m", "mailer.cli"]
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    return subprocess.run([*MAILER, *args], cwd=cwd, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("MAILER_BASE_URL", "news.example.org", "MAILER_BASE_URL must be an absolute http(s) URL"),
+        ("MAILER_DATABASE_URL", "mysql://x/y", "MAILER_DATABASE_URL must be a sqlite:// or postgresql"),
+        ("MAILER_DATABASE_URL", "::nonsense", "MAILER_DATABASE_URL is not a database URL"),
+        ("MAILER_SMTP_URL", "http://mail", "MAILER_SMTP_URL must be empty or smtp://"),
+        ("MAILER_SMTP_URL", "smtp://mail:port", "MAILER_SMTP_URL has a port that is not a number"),
+        ("MAILER_SECRET_KEY", "changeme", "MAILER_SECRET_KEY is a placeholder"),
+        ("MAILER_FROM", "nobody", "MAILER_FROM must be an address"),
+        ("MAILER_CONFIRM_TTL_HOURS", "soon", "MAILER_CONFIRM_TTL_HOURS"),
+        ("MAILER_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "MAILER_TRUSTED_PROXIES has 'proxy'"),
+        ("MAILER_BROKER_URL", "localhost:6379", "MAILER_BROKER_URL must be empty or a redis://"),
+    ],
+)
+def test_bad_setting_stops_with_one_sentence_naming_it(tmp_path: Path, variable: str, value: str, says: str) -> None:
+    """A bad value exits with code 2 and a sentence that names the variable, with no traceback."""
+    result = run(["db", "upgrade"], tmp_path, **{variable: value})
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    """`mailer db upgrade` migrates an empty SQLite file and seeds the starter categories."""
+    result = run(["db", "upgrade"], tmp_path, MAILER_DATABASE_URL=f"sqlite:///{tmp_path}/m.db")
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("select count(*) from categories").fetchone()[0] >= 5
+
+
+@pytest.mark.slow
+def test_serve_migrates_sqlite_and_answers(tmp_path: Path) -> None:
+    """`mailer serve` on a fresh directory brings its SQLite database up and serves the form."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    process = subprocess.Popen([*MAILER, "serve", "--port", str(port)], cwd=tmp_path, env=clean,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        form = httpx.get(f"http://127.0.0.1:{port}/subscribe")
+        assert "U.S.–Russia Relations" in form.text
+        signup = httpx.post(f"http://127.0.0.1:{port}/subscribe", data={"email": "first@example.org"})
+        assert signup.status_code == 200
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / "outbox" / "new").glob("*")):
+            assert time.monotonic() < deadline, "no mail in the outbox"
+            time.sleep(0.1)
+        assert (tmp_path / ".mailer-secret").exists()
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert "MAILER_SECRET_KEY is not set" in output
+    assert "Traceback" not in output
