@@ -36,7 +36,8 @@ def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
     }
     if kind is NoticeKind.confirm:
         assert subscriber.confirm_nonce is not None
-        context["confirm_url"] = f"{settings.base_url}/confirm/{tokens.confirm_token(subscriber.id, subscriber.confirm_nonce)}"
+        token = tokens.confirm_token(subscriber.id, subscriber.confirm_nonce)
+        context["confirm_url"] = f"{settings.base_url}/confirm/{token}"
         context["ttl_hours"] = int(settings.confirm_ttl_hours)
         # A confirmation goes to someone who has not agreed yet: no preference links in it.
         del context["unsubscribe_url"], context["preferences_url"]

@@ -208,7 +208,9 @@ def add_by_admin(
     created = subscriber is None
     if subscriber is not None and subscriber.status in {Status.unsubscribed, Status.bounced, Status.complained}:
         # An admin cannot undo a reader's own decision to leave; the reader must sign up again.
-        raise InvalidInput("email", f"This address is {subscriber.status.value}; only its owner can subscribe it again.")
+        raise InvalidInput(
+            "email", f"This address is {subscriber.status.value}; only its owner can subscribe it again."
+        )
     if subscriber is None:
         subscriber = Subscriber(email=address, email_key=key, status=Status.pending)
         session.add(subscriber)

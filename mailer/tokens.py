@@ -35,7 +35,7 @@ def read(purpose: Purpose, token: str, *, max_age: float | None = None) -> list[
     """Return the payload `[subscriber_id, *extra]`, or raise BadToken / ExpiredToken."""
     serializer = _serializer(purpose)
     try:
-        payload = serializer.loads(token, max_age=max_age)
+        payload = serializer.loads(token, max_age=None if max_age is None else max(1, round(max_age)))
     except SignatureExpired as expired:
         payload = serializer.load_payload(expired.payload) if expired.payload is not None else None
         if isinstance(payload, list) and payload and isinstance(payload[0], int):

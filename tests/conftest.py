@@ -72,7 +72,7 @@ class SmtpSink:
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name.
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"

@@ -127,7 +127,8 @@ def test_preferences_change_with_csrf_token_only(client: TestClient, smtp: SmtpS
     assert saved.status_code == 200
     assert "Your preferences are saved" in saved.text
     row = subscriber_row("prefs@example.org")
-    assert (row.name, row.frequency.value, [c.slug for c in row.categories]) == ("Pat", "weekly", ["peace-and-diplomacy"])
+    saved_choices = (row.name, row.frequency.value, [c.slug for c in row.categories])
+    assert saved_choices == ("Pat", "weekly", ["peace-and-diplomacy"])
 
     unknown = client.post(link, data={"csrf_token": csrf, "frequency": "weekly", "categories": ["nope"]})
     assert unknown.status_code == 422

@@ -69,7 +69,7 @@ async def read_choices(request: Request) -> dict[str, Any]:
         categories = body.get("categories") or []
         if isinstance(categories, str) or not isinstance(categories, list):
             raise InvalidInput("categories", "Categories must be a list of category slugs.")
-        fields = {key: body.get(key) for key in ("email", "name", "frequency", "website", "csrf_token")}
+        fields: dict[str, Any] = {key: body.get(key) for key in ("email", "name", "frequency", "website", "csrf_token")}
         fields["categories"] = categories
     else:
         form = await request.form()
@@ -78,7 +78,8 @@ async def read_choices(request: Request) -> dict[str, Any]:
     for key, value in fields.items():
         if key != "categories" and value is not None and not isinstance(value, str):
             raise InvalidInput(key, f"The {key} must be text.")
-    if not all(isinstance(c, str) for c in fields["categories"]):
+    listed: list[Any] = fields["categories"]
+    if not all(isinstance(c, str) for c in listed):
         raise InvalidInput("categories", "Categories must be a list of category slugs.")
     return fields
 
@@ -174,7 +175,8 @@ def _confirm_problem(request: Request, token: str, error: Exception) -> Response
             subscriber = store.subscriber(session, error.subscriber_id)
             confirmed = subscriber is not None and subscriber.status == Status.confirmed
         if confirmed:
-            return message(request, "You are already subscribed", ["Your subscription is confirmed. Nothing more to do."])
+            return message(request, "You are already subscribed",
+                           ["Your subscription is confirmed. Nothing more to do."])
         return message(request, "This link is no longer valid",
                        ["It was already used or replaced by a newer one. Please sign up again."], 400)
     return token_error_page(request, error)

@@ -1,7 +1,7 @@
 """subscriptions
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 13:25:06.833104
 """
 
@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from alembic import op
 
 import mailer.models
-
 
 revision: str = '0001'
 down_revision: str | None = None
