@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -49,11 +50,16 @@ def serve(
     from mailer.web.app import create_app
 
     current = settings()
+    if "base_url" not in current.model_fields_set:
+        # Links in mails should point at this server unless MAILER_BASE_URL says otherwise.
+        os.environ["MAILER_BASE_URL"] = f"http://{host}:{port}"
+        get_settings.cache_clear()
+        current = settings()
     configure()
     if current.is_sqlite:
         upgrade(current.database_url)
     current.signing_key()
-    where = "the outbox " + str(current.outbox_dir) if not current.smtp_url else "SMTP"
+    where = f"the outbox {current.outbox_dir}" if not current.smtp_url else "SMTP"
     tasks = "Celery on " + current.broker_url if current.broker_url else "in-process"
     typer.echo(f"mailer on {current.base_url}: sign-up form at {current.base_url}/subscribe; "
                f"tasks {tasks}; mail to {where}.")
