@@ -23,6 +23,9 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # A worker killed mid-task is told apart from a failing task, and the task goes back at most a few times.
+        task_acks_on_failure_or_timeout=True,
+        beat_schedule={"mailer-tick": {"task": "mailer.tick", "schedule": get_settings().tick_seconds}},
     )
     return app
 

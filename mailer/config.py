@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = []
     check_deliverability: bool = False
 
+    # The sending engine. Connection and rate limits are per worker process.
+    smtp_connections: int = Field(default=4, ge=1, le=100)
+    smtp_rate: float = Field(default=0.0, ge=0)
+    domain_rate: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=200, ge=1, le=10_000)
+    send_parallelism: int = Field(default=2, ge=1, le=64)
+    task_seconds: float = Field(default=60.0, gt=0)
+    retry_base_seconds: float = Field(default=300.0, gt=0)
+    retry_deadline_hours: float = Field(default=72.0, gt=0)
+    resend_unknown: bool = False
+    worker_timeout: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    tick_seconds: float = Field(default=10.0, gt=0)
+    pause_failure_rate: float = Field(default=0.2, gt=0, le=1)
+    pause_failure_window: int = Field(default=200, ge=10)
+    dkim_domain: str = ""
+    dkim_selector: str = ""
+    dkim_private_key: Path | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _generated_key: str | None = PrivateAttr(default=None)
@@ -82,14 +101,22 @@ class Settings(BaseSettings):
     @field_validator("smtp_url")
     @classmethod
     def _smtp_url(cls, value: str) -> str:
-        if value:
-            parts = urlsplit(value)
+        # Several servers may be listed, comma-separated, in order of preference (failover).
+        for url in filter(None, (part.strip() for part in value.split(","))):
+            parts = urlsplit(url)
             if parts.scheme not in {"smtp", "smtps"} or not parts.hostname:
                 raise ValueError("must be empty or smtp://user:pass@host:port or smtps://…")
             try:
                 parts.port  # noqa: B018 - reading it validates the port.
             except ValueError:
                 raise ValueError("has a port that is not a number") from None
+        return value.strip()
+
+    @field_validator("dkim_private_key")
+    @classmethod
+    def _dkim_key(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"names {value}, which is not a readable file")
         return value
 
     @field_validator("base_url")
@@ -161,6 +188,14 @@ class Settings(BaseSettings):
     @property
     def unsubscribe_address(self) -> str:
         return self.unsubscribe_mailto or f"unsubscribe@{self.list_domain}"
+
+    @property
+    def smtp_urls(self) -> list[str]:
+        return [part.strip() for part in self.smtp_url.split(",") if part.strip()]
+
+    @property
+    def dkim_enabled(self) -> bool:
+        return bool(self.dkim_domain and self.dkim_selector and self.dkim_private_key)
 
     @property
     def is_sqlite(self) -> bool:

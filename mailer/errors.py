@@ -8,6 +8,7 @@
      │    ├── ExpiredToken       signed by us but too old; `subscriber_id` says whose it was
      │    └── UsedToken          already used, or replaced by a newer one
      ├── NotFound                the thing a token or id points at is gone (404)
+     ├── Conflict                the thing is in a state that does not allow this (409)
      └── RateLimited             too many attempts; try again later (429)
 """
 
@@ -51,6 +52,10 @@ class UsedToken(TokenError):
 
 
 class NotFound(MailerError):
+    pass
+
+
+class Conflict(MailerError):
     pass
 
 

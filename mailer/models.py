@@ -8,16 +8,19 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Enum,
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -109,6 +112,8 @@ class Subscriber(Base):
     # The address as normalised by email-validator, and its lower-cased form, unique.
     email: Mapped[str] = mapped_column(String(320))
     email_key: Mapped[str] = mapped_column(String(320), unique=True)
+    # sha256 of email_key: joins with the suppression list, which may hold only the hash.
+    email_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     frequency: Mapped[Frequency] = mapped_column(_enum(Frequency, "frequency"), default=Frequency.daily)
     status: Mapped[Status] = mapped_column(_enum(Status, "subscriber_status"), default=Status.pending)
@@ -162,3 +167,101 @@ class Notice(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_notices_subscriber_kind", "subscriber_id", "kind", "created_at"),)
+
+
+class CampaignKind(enum.StrEnum):
+    broadcast = "broadcast"
+    digest = "digest"
+
+
+class CampaignStatus(enum.StrEnum):
+    draft = "draft"
+    scheduled = "scheduled"
+    sending = "sending"
+    paused = "paused"
+    cancelled = "cancelled"
+    finished = "finished"
+
+
+class DeliveryState(enum.StrEnum):
+    """pending → sending → sent; or deferred (retry at a time), failed (for good), skipped, unknown."""
+
+    pending = "pending"
+    sending = "sending"
+    sent = "sent"
+    deferred = "deferred"
+    failed = "failed"
+    skipped = "skipped"
+    unknown = "unknown"
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[CampaignKind] = mapped_column(_enum(CampaignKind, "campaign_kind"), default=CampaignKind.broadcast)
+    subject: Mapped[str] = mapped_column(Text)
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text, default="")
+    # Category slugs of the audience; empty means everyone confirmed.
+    categories: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[CampaignStatus] = mapped_column(
+        _enum(CampaignStatus, "campaign_status"), default=CampaignStatus.draft
+    )
+    # Why the campaign is in its status, when a person should know (e.g. why it paused itself).
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Delivery(Base):
+    """One (campaign, subscriber) pair, unique, with an explicit state."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState, "delivery_state"), default=DeliveryState.pending)
+    attempts: Mapped[int] = mapped_column(SmallInteger, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Set in its own commit just before DATA: after a crash, a claim without it was never tried.
+    handed_over_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    message_id: Mapped[str | None] = mapped_column(String(255))
+    smtp_code: Mapped[int | None] = mapped_column(SmallInteger)
+    smtp_text: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "subscriber_id", name="uq_deliveries_campaign_subscriber"),
+        Index("ix_deliveries_claim", "campaign_id", "state", "id"),
+        Index("ix_deliveries_subscriber", "subscriber_id"),
+    )
+
+
+class Suppression(Base):
+    """An address that must never get mail again. Keyed by a hash so erasure can drop the address itself."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    reason: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerBeat(Base):
+    """A sending process's heartbeat; claims held by a process that stopped beating go back to the queue."""
+
+    __tablename__ = "worker_beats"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -91,5 +91,6 @@ def send_notice(notice_id: int) -> str:
         if result.outcome is Outcome.permanent:
             store.finish_notice(session, notice_id, NoticeState.failed, error=f"{result.code} {result.text}")
             return NoticeState.failed.value
+        # Temporary and unknown alike are tried again: a second confirmation mail harms nobody.
         store.finish_notice(session, notice_id, NoticeState.pending, error=f"{result.code} {result.text}")
     raise TemporaryFailure(f"notice {notice_id}: {result.code} {result.text}")

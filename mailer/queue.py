@@ -24,9 +24,9 @@ _futures: set[Future[None]] = set()
 
 
 def _jobs() -> dict[str, Callable[..., object]]:
-    from mailer import notices
+    from mailer import campaigns, delivery, notices
 
-    return {"send_notice": notices.send_notice}
+    return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick}
 
 
 def _run(name: str, args: tuple[int, ...]) -> None:

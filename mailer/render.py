@@ -16,10 +16,14 @@ from functools import lru_cache
 from typing import Any
 
 import css_inline
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from inscriptis import get_text
+from inscriptis.model.config import ParserConfig
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
 
 from mailer import TEMPLATES_DIR
 from mailer.config import get_settings
+from mailer.errors import InvalidInput
 from mailer.subscriptions import clean_name
 
 POLICY = SMTP.clone(max_line_length=998)
@@ -61,13 +65,51 @@ def render(kind: str, context: dict[str, Any]) -> Rendered:
     return Rendered(subject=subject, text=text, html=html)
 
 
+@lru_cache(maxsize=2)
+def sandbox(autoescape: bool) -> SandboxedEnvironment:
+    """Admins' templates run here: no access to Python internals, and undefined names are errors."""
+    return SandboxedEnvironment(autoescape=autoescape, undefined=StrictUndefined)
+
+
+def html_to_text(html: str) -> str:
+    """A readable text part from HTML, with links written out."""
+    return str(get_text(html, ParserConfig(display_links=True))).strip() + "\n"
+
+
+def render_admin_template(field: str, source: str, context: dict[str, Any], *, html: bool) -> str:
+    """Render an admin's subject, HTML or text in the sandbox; errors name the field and line."""
+    try:
+        return sandbox(html).from_string(source).render(context)
+    except TemplateError as error:
+        line = getattr(error, "lineno", None)
+        where = f" (line {line})" if line else ""
+        raise InvalidInput(field, f"The {field} template has an error{where}: {error.message or error}") from None
+
+
+def render_campaign(*, subject: str, html: str, text: str, context: dict[str, Any], layout: str = "broadcast"
+                    ) -> Rendered:
+    """An admin's campaign inside the `<layout>/` templates; the text part is made from HTML when empty."""
+    body_html = render_admin_template("html", html, context, html=True)
+    body_text = render_admin_template("text", text, context, html=False) if text.strip() else html_to_text(body_html)
+    wrapped = {**context, "content_html": body_html, "content_text": body_text,
+               "subject": render_admin_template("subject", subject, context, html=False)}
+    return render(layout, wrapped)
+
+
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def list_unsubscribe(unsubscribe_url: str) -> str:
+    """The List-Unsubscribe value: the one-click URL first, then the mailto address."""
+    return f"<{unsubscribe_url}>, <mailto:{get_settings().unsubscribe_address}?subject=unsubscribe>"
+
+
 def list_headers(*, unsubscribe_url: str) -> dict[str, str]:
     """RFC 2369 / RFC 8058 list headers carried by every mail to a subscriber."""
-    settings = get_settings()
     return {
-        "List-Id": settings.list_id_header,
-        "List-Unsubscribe": f"<{unsubscribe_url}>, <mailto:{settings.unsubscribe_address}?subject=unsubscribe>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "List-Id": get_settings().list_id_header,
+        "List-Unsubscribe": list_unsubscribe(unsubscribe_url),
+        "List-Unsubscribe-Post": ONE_CLICK,
     }
 
 

@@ -1,14 +1,24 @@
 """Transports: SMTP with aiosmtplib, and a Maildir outbox for machines without a mail server.
 
-A transport answers every message with a `Result` whose `outcome` says whether the mail was taken,
-failed for good (a 5xx: never retry) or failed for now (4xx, timeouts, dropped connections: retry).
+Every message gets a `Result` whose `outcome` is explicit:
+
+    sent        the server answered 250 to the final dot
+    permanent   a 5xx reply: never retry
+    temporary   a 4xx reply, or the connection failed before the message was handed over: retry later
+    unknown     the connection failed after DATA began: the server may or may not have the message
+    skipped     the caller's last check before DATA said no; nothing was handed over
+
+A connection that saw a 421, a timeout or a drop is closed and never reused ("503 sender already
+specified" is what reusing a broken session looks like).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
+import logging
 import mailbox
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,11 +28,18 @@ import aiosmtplib
 
 from mailer.config import Settings
 
+log = logging.getLogger(__name__)
+
+# A server that refused a connection is left alone for this long before it is tried again.
+SERVER_DOWN_SECONDS = 30.0
+
 
 class Outcome(enum.StrEnum):
     sent = "sent"
     permanent = "permanent"
     temporary = "temporary"
+    unknown = "unknown"
+    skipped = "skipped"
 
 
 @dataclass(frozen=True)
@@ -42,9 +59,21 @@ class Result:
     def ok(self) -> bool:
         return self.outcome is Outcome.sent
 
+    @property
+    def enhanced(self) -> str:
+        """The RFC 3463 enhanced status code at the start of the reply text (e.g. '5.1.1'), or ''."""
+        first = self.text.split(" ", 1)[0] if self.text else ""
+        parts = first.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            return first
+        return ""
+
+
+BeforeData = Callable[[], Awaitable[bool]]
+
 
 class Transport(Protocol):
-    async def send(self, envelope: Envelope) -> Result: ...
+    async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result: ...
 
     async def close(self) -> None: ...
 
@@ -54,13 +83,14 @@ class OutboxTransport:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._box: mailbox.Maildir | None = None
 
-    async def send(self, envelope: Envelope) -> Result:
-        def write() -> None:
-            box = mailbox.Maildir(self.directory, create=True)
-            box.add(b"Return-Path: <" + envelope.sender.encode() + b">\r\n" + envelope.data)
-
-        await asyncio.to_thread(write)
+    async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result:
+        if before_data is not None and not await before_data():
+            return Result(Outcome.skipped, 0, "not sent: no longer eligible")
+        if self._box is None:
+            self._box = mailbox.Maildir(self.directory, create=True)
+        self._box.add(b"Return-Path: <" + envelope.sender.encode() + b">\r\n" + envelope.data)
         return Result(Outcome.sent, 250, "stored in outbox")
 
     async def close(self) -> None:
@@ -72,71 +102,135 @@ def _classify(code: int, text: str) -> Result:
     return Result(outcome, code, text)
 
 
-class SmtpTransport:
-    """One kept-open SMTP connection; reconnects after a drop or a 421, never reusing a broken session."""
+@dataclass(frozen=True)
+class Server:
+    hostname: str
+    port: int
+    implicit_tls: bool
+    username: str | None
+    password: str | None
 
-    def __init__(self, url: str, *, timeout: float) -> None:
+    @classmethod
+    def parse(cls, url: str) -> Server:
         parts = urlsplit(url)
-        self.hostname = parts.hostname or "localhost"
-        self.implicit_tls = parts.scheme == "smtps"
-        self.port = parts.port or (465 if self.implicit_tls else 25)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
+        implicit_tls = parts.scheme == "smtps"
+        return cls(
+            hostname=parts.hostname or "localhost",
+            port=parts.port or (465 if implicit_tls else 25),
+            implicit_tls=implicit_tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.hostname}:{self.port}"
+
+
+# Per process: when each server may be tried again after it refused a connection.
+_down_until: dict[Server, float] = {}
+
+
+class SmtpTransport:
+    """One kept-open SMTP session, with failover across the configured servers in order."""
+
+    def __init__(self, urls: list[str], *, timeout: float) -> None:
+        self.servers = [Server.parse(url) for url in urls]
         self.timeout = timeout
         self._client: aiosmtplib.SMTP | None = None
+        self.server: Server | None = None
 
     async def _connect(self) -> aiosmtplib.SMTP:
         if self._client is not None and self._client.is_connected:
             return self._client
-        client = aiosmtplib.SMTP(
-            hostname=self.hostname,
-            port=self.port,
-            use_tls=self.implicit_tls,
-            # None means: upgrade with STARTTLS when the server offers it.
-            start_tls=None if not self.implicit_tls else False,
-            username=self.username,
-            password=self.password,
-            timeout=self.timeout,
-        )
-        await client.connect()
-        self._client = client
-        return client
+        now = time.monotonic()
+        candidates = [s for s in self.servers if _down_until.get(s, 0) <= now] or self.servers
+        last_error: Exception | None = None
+        for server in candidates:
+            client = aiosmtplib.SMTP(
+                hostname=server.hostname,
+                port=server.port,
+                use_tls=server.implicit_tls,
+                # None: upgrade with STARTTLS when the server offers it.
+                start_tls=None if not server.implicit_tls else False,
+                username=server.username,
+                password=server.password,
+                timeout=self.timeout,
+            )
+            try:
+                await client.connect()
+            except (aiosmtplib.SMTPException, OSError) as error:
+                log.warning("SMTP server %s refused the connection: %s", server, error)
+                _down_until[server] = time.monotonic() + SERVER_DOWN_SECONDS
+                last_error = error
+                continue
+            _down_until.pop(server, None)
+            self._client, self.server = client, server
+            return client
+        raise ConnectionError(f"no SMTP server answered: {last_error}")
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             client.close()
 
-    async def send(self, envelope: Envelope) -> Result:
-        try:
-            client = await self._connect()
-            errors, reply = await client.sendmail(envelope.sender, [envelope.recipient], envelope.data)
-        except aiosmtplib.SMTPRecipientsRefused as refused:
-            await self._reset()
-            code, text = refused.recipients[0].code, refused.recipients[0].message
-            return _classify(code, text)
-        except aiosmtplib.SMTPResponseException as error:
-            if error.code == 421:
-                await self._drop()
-            else:
-                await self._reset()
-            return _classify(error.code, error.message)
-        except (aiosmtplib.SMTPException, OSError) as error:
-            await self._drop()
-            return Result(Outcome.temporary, 0, f"{type(error).__name__}: {error}")
-        if errors:
-            code, text = next(iter(errors.values()))
-            return _classify(code, text)
-        return Result(Outcome.sent, 250, reply)
-
     async def _reset(self) -> None:
-        # After a refusal the session must be clean before the next MAIL FROM ("503 sender already specified").
+        # After a refusal the session must be clean before the next MAIL FROM.
         if self._client is None:
             return
         try:
             await self._client.rset()
         except (aiosmtplib.SMTPException, OSError):
-            await self._drop()
+            self._drop()
+
+    async def _envelope(self, envelope: Envelope) -> Result | None:
+        """MAIL FROM and RCPT TO; a Result when the server refused, None when it accepted both."""
+        client = await self._connect()
+        options = ["SMTPUTF8"] if not (envelope.sender + envelope.recipient).isascii() else []
+        try:
+            await client.mail(envelope.sender, options=options)
+            await client.rcpt(envelope.recipient)
+        except aiosmtplib.SMTPResponseException as error:
+            if error.code == 421:
+                self._drop()
+            else:
+                await self._reset()
+            return _classify(error.code, error.message)
+        return None
+
+    async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result:
+        # A session that broke before DATA is retried once on a fresh connection: nothing was handed over.
+        for attempt in range(2):
+            try:
+                refused = await self._envelope(envelope)
+            except (aiosmtplib.SMTPException, OSError) as error:
+                self._drop()
+                if attempt == 0:
+                    continue
+                return Result(Outcome.temporary, 0, f"{type(error).__name__}: {error}")
+            if refused is not None:
+                if refused.code == 421 and attempt == 0:
+                    continue
+                return refused
+            break
+        if before_data is not None and not await before_data():
+            await self._reset()
+            return Result(Outcome.skipped, 0, "not sent: no longer eligible")
+        client = self._client
+        assert client is not None
+        try:
+            response = await client.data(envelope.data)
+        except aiosmtplib.SMTPResponseException as error:
+            # The server answered: it either refused the DATA command or the message after the dot.
+            if error.code == 421:
+                self._drop()
+            else:
+                await self._reset()
+            return _classify(error.code, error.message)
+        except (aiosmtplib.SMTPException, OSError) as error:
+            # Timeout or drop after DATA began: the server may have the message.
+            self._drop()
+            return Result(Outcome.unknown, 0, f"{type(error).__name__} after DATA: {error}")
+        return Result(Outcome.sent, response.code, response.message)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -148,6 +242,6 @@ class SmtpTransport:
 
 
 def transport_for(settings: Settings) -> Transport:
-    if settings.smtp_url:
-        return SmtpTransport(settings.smtp_url.split(",")[0].strip(), timeout=settings.smtp_timeout)
+    if settings.smtp_urls:
+        return SmtpTransport(settings.smtp_urls, timeout=settings.smtp_timeout)
     return OutboxTransport(settings.outbox_dir)

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, exists, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from mailer.models import Category, Notice, NoticeKind, NoticeState, Status, Subscriber, utcnow
+from mailer.models import (
+    Category,
+    Delivery,
+    DeliveryState,
+    Notice,
+    NoticeKind,
+    NoticeState,
+    Status,
+    Subscriber,
+    Suppression,
+    WorkerBeat,
+    subscriber_categories,
+    utcnow,
+)
 
 
 def subscriber(session: Session, subscriber_id: int, *, for_update: bool = False) -> Subscriber | None:
@@ -84,4 +101,162 @@ def finish_notice(
         .where(Notice.id == notice_id)
         .values(state=state, message_id=message_id, error=error,
                 sent_at=utcnow() if state == NoticeState.sent else None)
+    )
+
+
+# --- Campaigns and deliveries --------------------------------------------------------------------
+
+
+def _insert(session: Session) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both SQLite and PostgreSQL."""
+    if session.get_bind().dialect.name == "postgresql":
+        return pg_insert
+    return sqlite_insert
+
+
+def audience(categories: Sequence[str]) -> Any:
+    """Confirmed, unsuppressed subscribers in any of the categories. A subscriber who chose no
+    category wants them all, so they are in every category's audience."""
+    query = select(Subscriber.id).where(
+        Subscriber.status == Status.confirmed,
+        ~exists().where(Suppression.email_hash == Subscriber.email_hash),
+    )
+    if categories:
+        chose_none = ~exists().where(subscriber_categories.c.subscriber_id == Subscriber.id)
+        chose_one = exists().where(
+            subscriber_categories.c.subscriber_id == Subscriber.id,
+            subscriber_categories.c.category_id == Category.id,
+            Category.slug.in_(list(categories)),
+        )
+        query = query.where(or_(chose_none, chose_one))
+    return query
+
+
+def materialise_deliveries(session: Session, campaign_id: int, categories: Sequence[str]) -> int:
+    """One pending delivery per reader in the audience; running it again adds none twice."""
+    readers = audience(categories).add_columns(
+        literal(campaign_id).label("campaign_id"),
+        literal(DeliveryState.pending.value).label("state"),
+        literal(0).label("attempts"),
+    )
+    insert = _insert(session)(Delivery).from_select(
+        ["subscriber_id", "campaign_id", "state", "attempts"], readers
+    ).on_conflict_do_nothing()
+    session.execute(insert)
+    return session.scalar(select(func.count()).select_from(Delivery).where(Delivery.campaign_id == campaign_id)) or 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    delivery_id: int
+    subscriber_id: int
+    attempts: int
+    first_failed_at: datetime | None
+
+
+def claim_deliveries(session: Session, campaign_id: int, worker: str, limit: int) -> list[Claim]:
+    """Atomically take up to `limit` pending (then due deferred) deliveries for this worker.
+
+    PostgreSQL: FOR UPDATE SKIP LOCKED lets many workers claim side by side without waiting.
+    SQLite: the transaction began with BEGIN IMMEDIATE, so claims are serialised by the file lock.
+    Pending and due-deferred rows are claimed by separate queries, so each walks the index in order.
+    """
+    now = utcnow()
+    claims: list[Claim] = []
+    for condition in (
+        Delivery.state == DeliveryState.pending,
+        (Delivery.state == DeliveryState.deferred) & (Delivery.next_attempt_at <= now),
+    ):
+        wanted = limit - len(claims)
+        if wanted <= 0:
+            break
+        ids = (
+            select(Delivery.id)
+            .where(Delivery.campaign_id == campaign_id, condition)
+            .order_by(Delivery.id)
+            .limit(wanted)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        rows = session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(state=DeliveryState.sending, claimed_by=worker, claimed_at=now, handed_over_at=None,
+                    attempts=Delivery.attempts + 1)
+            .returning(Delivery.id, Delivery.subscriber_id, Delivery.attempts, Delivery.first_failed_at)
+        ).all()
+        claims.extend(Claim(*row) for row in rows)
+    claims.sort(key=lambda claim: claim.delivery_id)
+    return claims
+
+
+def sweep_stale_claims(session: Session, *, worker_timeout: float, resend_unknown: bool) -> int:
+    """Give back claims whose worker stopped beating: never handed over means pending again; handed
+    over means the server may have the mail, which is `unknown` (or pending when unknowns are resent)."""
+    dead_before = utcnow() - timedelta(seconds=worker_timeout)
+    alive = select(WorkerBeat.id).where(WorkerBeat.seen_at >= dead_before)
+    stale = (Delivery.state == DeliveryState.sending) & Delivery.claimed_by.not_in(alive) & (
+        Delivery.claimed_at < dead_before)
+    never_tried = session.execute(
+        update(Delivery).where(stale, Delivery.handed_over_at.is_(None))
+        .values(state=DeliveryState.pending, claimed_by=None, attempts=Delivery.attempts - 1)
+    ).rowcount  # type: ignore[attr-defined]
+    may_have_gone = session.execute(
+        update(Delivery).where(stale, Delivery.handed_over_at.is_not(None))
+        .values(state=DeliveryState.pending if resend_unknown else DeliveryState.unknown, claimed_by=None,
+                smtp_text="the worker stopped after handing the message over; the server may have it")
+    ).rowcount  # type: ignore[attr-defined]
+    session.execute(delete(WorkerBeat).where(WorkerBeat.seen_at < dead_before - timedelta(hours=1)))
+    return int(never_tried) + int(may_have_gone)
+
+
+def delivery_counts(session: Session, campaign_id: int) -> dict[str, int]:
+    counts = {state.value: 0 for state in DeliveryState}
+    rows = session.execute(
+        select(Delivery.state, func.count()).where(Delivery.campaign_id == campaign_id).group_by(Delivery.state)
+    ).all()
+    for state, count in rows:
+        counts[DeliveryState(state).value] = int(count)
+    return counts
+
+
+def has_claimable(session: Session, campaign_id: int) -> bool:
+    due = or_(
+        Delivery.state == DeliveryState.pending,
+        (Delivery.state == DeliveryState.deferred) & (Delivery.next_attempt_at <= utcnow()),
+    )
+    return session.scalar(select(exists().where(Delivery.campaign_id == campaign_id, due))) or False
+
+
+def has_open_work(session: Session, campaign_id: int) -> bool:
+    """Anything not yet in a final state: pending, being sent, or waiting for a retry."""
+    open_states = [DeliveryState.pending, DeliveryState.sending, DeliveryState.deferred]
+    return session.scalar(
+        select(exists().where(Delivery.campaign_id == campaign_id, Delivery.state.in_(open_states)))
+    ) or False
+
+
+def recently_claimed(session: Session, campaign_id: int, since: datetime) -> bool:
+    return session.scalar(select(exists().where(
+        Delivery.campaign_id == campaign_id, Delivery.claimed_at >= since,
+    ))) or False
+
+
+def readers(session: Session, subscriber_ids: Sequence[int]) -> dict[int, Subscriber]:
+    rows = session.scalars(select(Subscriber).where(Subscriber.id.in_(list(subscriber_ids))))
+    return {row.id: row for row in rows}
+
+
+def is_suppressed(session: Session, email_hashes: Iterable[str]) -> set[str]:
+    wanted = list(email_hashes)
+    if not wanted:
+        return set()
+    return set(session.scalars(select(Suppression.email_hash).where(Suppression.email_hash.in_(wanted))))
+
+
+def add_suppression(session: Session, *, email_hash: str, email: str | None, reason: str, detail: str) -> None:
+    session.execute(
+        _insert(session)(Suppression)
+        .values(email_hash=email_hash, email=email, reason=reason, detail=detail, created_at=utcnow())
+        .on_conflict_do_nothing()
     )

@@ -11,6 +11,7 @@ what happened; the functions here return what was done for the caller's own book
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import unicodedata
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ def normalize_email(raw: str) -> tuple[str, str]:
     except EmailNotValidError as error:
         raise InvalidEmail(f"That email address is not valid: {error}") from None
     return result.normalized, result.normalized.lower()
+
+
+def hash_email(email_key: str) -> str:
+    """The suppression list's key for an address (see models.Suppression)."""
+    return hashlib.sha256(email_key.encode()).hexdigest()
 
 
 def clean_name(raw: str | None) -> str:
@@ -114,7 +120,7 @@ def subscribe(session: Session, *, email: str, choices: Choices, origin: Origin)
     address, key = normalize_email(email)
     subscriber = store.subscriber_by_email(session, key, for_update=True)
     if subscriber is None:
-        subscriber = Subscriber(email=address, email_key=key, status=Status.pending)
+        subscriber = Subscriber(email=address, email_key=key, email_hash=hash_email(key), status=Status.pending)
         _apply_choices(session, subscriber, choices)
         session.add(subscriber)
         session.flush()
@@ -212,7 +218,7 @@ def add_by_admin(
             "email", f"This address is {subscriber.status.value}; only its owner can subscribe it again."
         )
     if subscriber is None:
-        subscriber = Subscriber(email=address, email_key=key, status=Status.pending)
+        subscriber = Subscriber(email=address, email_key=key, email_hash=hash_email(key), status=Status.pending)
         session.add(subscriber)
     _apply_choices(session, subscriber, choices)
     session.flush()
@@ -232,3 +238,12 @@ def add_by_admin(
         if subscriber.status != Status.confirmed:
             notice = _queue_confirmation(session, subscriber)
     return subscriber, notice, created
+
+
+def mark_bounced(session: Session, *, subscriber: Subscriber, detail: str, origin: Origin) -> None:
+    """A hard bounce: the address does not take mail. It gets none until its owner signs up again."""
+    if subscriber.status in {Status.bounced, Status.complained}:
+        return
+    subscriber.status = Status.bounced
+    subscriber.confirm_nonce = None
+    _record(session, subscriber, "bounce", origin, detail=detail[:500])

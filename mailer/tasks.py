@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailer import notices
+from mailer import campaigns, delivery, notices
 from mailer.celery_app import app
 
 
@@ -15,3 +15,14 @@ from mailer.celery_app import app
 )
 def send_notice(notice_id: int) -> str:
     return notices.send_notice(notice_id)
+
+
+@app.task(name="mailer.run_campaign")  # type: ignore[untyped-decorator]
+def run_campaign(campaign_id: int) -> str:
+    # No retry here: the tick restarts a campaign whose loop stopped, and claims make reruns safe.
+    return delivery.run_campaign(campaign_id)
+
+
+@app.task(name="mailer.tick", ignore_result=True)  # type: ignore[untyped-decorator]
+def tick() -> dict[str, int]:
+    return campaigns.tick()

@@ -8,6 +8,7 @@ Confirm tokens carry a nonce that the subscriber row keeps until confirmation, s
 from __future__ import annotations
 
 import enum
+import secrets
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -46,6 +47,10 @@ def read(purpose: Purpose, token: str, *, max_age: float | None = None) -> list[
     if not isinstance(payload, list) or not payload or not isinstance(payload[0], int):
         raise BadToken("This link is not valid.")
     return payload
+
+
+def make_nonce() -> str:
+    return secrets.token_hex(6)
 
 
 def confirm_token(subscriber_id: int, nonce: str) -> str:

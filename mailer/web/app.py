@@ -10,8 +10,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailer import __version__
 from mailer.db import engine
-from mailer.errors import InvalidInput, MailerError, NotFound, RateLimited
-from mailer.web import api, public
+from mailer.errors import Conflict, InvalidInput, MailerError, NotFound, RateLimited
+from mailer.web import api, campaigns_api, public
 
 
 def _is_api(request: Request) -> bool:
@@ -30,6 +30,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None)
     app.include_router(public.router)
     app.include_router(api.router)
+    app.include_router(campaigns_api.router)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -43,7 +44,13 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(MailerError)
     async def _mailer_error(request: Request, error: MailerError) -> Response:
-        status = 404 if isinstance(error, NotFound) else 429 if isinstance(error, RateLimited) else 400
+        status = 400
+        if isinstance(error, NotFound):
+            status = 404
+        elif isinstance(error, Conflict):
+            status = 409
+        elif isinstance(error, RateLimited):
+            status = 429
         detail = str(error)
         if isinstance(error, InvalidInput):
             status, detail = 422, error.message

@@ -1,0 +1,194 @@
+"""Writes delivery progress to the database from a thread of its own, with group commit.
+
+The sending coroutines ask for two things per message:
+  * `handover(id)` just before DATA: re-checks the reader (confirmed, not suppressed) and marks the
+    delivery as handed over, in a commit that must land before DATA is sent;
+  * `record(...)` after the server's answer: the delivery's final or next state.
+Each commit carries whatever was asked for since the last one: with several SMTP connections in
+flight that is a handful of rows, never a whole batch, so the window between a server's 250 and
+the commit that records it stays one small transaction wide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy.orm import Session
+
+from mailer import store, subscriptions
+from mailer.db import engine
+from mailer.models import Delivery, DeliveryState, Status, Subscriber, Suppression, utcnow
+from mailer.subscriptions import Origin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    delivery_id: int
+    state: DeliveryState
+    code: int | None = None
+    text: str | None = None
+    message_id: str | None = None
+    next_attempt_at: datetime | None = None
+    failed: bool = False
+    suppress_subscriber: int | None = None
+
+
+@dataclass
+class _Op:
+    kind: str
+    delivery_id: int = 0
+    outcome: Outcome | None = None
+    future: asyncio.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_STOP = _Op("stop")
+
+_ELIGIBLE = exists().where(
+    Subscriber.id == Delivery.subscriber_id,
+    Subscriber.status == Status.confirmed,
+    ~exists().where(Suppression.email_hash == Subscriber.email_hash),
+)
+
+_RESULT = (
+    update(Delivery.__table__)  # type: ignore[arg-type]
+    .where(Delivery.__table__.c.id == bindparam("b_id"), Delivery.__table__.c.claimed_by == bindparam("b_worker"))
+    .values(
+        state=bindparam("b_state"),
+        smtp_code=bindparam("b_code"),
+        smtp_text=bindparam("b_text"),
+        message_id=bindparam("b_message_id"),
+        next_attempt_at=bindparam("b_next"),
+        sent_at=bindparam("b_sent_at"),
+        claimed_by=None,
+    )
+)
+
+
+class Recorder:
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mailer-recorder", daemon=True)
+        self._thread.start()
+        self.commits = 0
+
+    # --- called from the event loop -------------------------------------------------------------
+
+    def _submit(self, op: _Op) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        op.future, op.loop = loop.create_future(), loop
+        self._queue.put(op)
+        return op.future
+
+    async def handover(self, delivery_id: int) -> bool:
+        """Re-check the reader and mark the delivery handed over; False means do not send."""
+        return bool(await self._submit(_Op("handover", delivery_id)))
+
+    def record(self, outcome: Outcome) -> asyncio.Future[Any]:
+        return self._submit(_Op("record", outcome.delivery_id, outcome))
+
+    async def flush(self) -> None:
+        await self._submit(_Op("flush"))
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=60)
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            ops = [self._queue.get()]
+            while True:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(op is _STOP for op in ops)
+            ops = [op for op in ops if op is not _STOP]
+            try:
+                answers = self._apply(ops) if ops else {}
+            except BaseException as error:
+                log.exception("recording %d operations failed", len(ops))
+                for op in ops:
+                    self._resolve(op, error=error)
+            else:
+                for op in ops:
+                    self._resolve(op, value=answers.get(id(op), True))
+            if stop:
+                return
+
+    @staticmethod
+    def _resolve(op: _Op, *, value: Any = None, error: BaseException | None = None) -> None:
+        if op.future is None or op.loop is None:
+            return
+        future = op.future
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        op.loop.call_soon_threadsafe(settle)
+
+    def _apply(self, ops: list[_Op]) -> dict[int, Any]:
+        answers: dict[int, Any] = {}
+        handovers = [op for op in ops if op.kind == "handover"]
+        records = [op.outcome for op in ops if op.kind == "record" and op.outcome is not None]
+        now = utcnow()
+        with Session(engine()) as session, session.begin():
+            if records:
+                session.connection().execute(_RESULT, [
+                    {"b_id": r.delivery_id, "b_worker": self.worker, "b_state": r.state.value, "b_code": r.code,
+                     "b_text": (r.text or "")[:1000] or None, "b_message_id": r.message_id,
+                     "b_next": r.next_attempt_at, "b_sent_at": now if r.state is DeliveryState.sent else None}
+                    for r in records
+                ])
+                failed = [r.delivery_id for r in records if r.failed]
+                if failed:
+                    session.execute(update(Delivery).where(Delivery.id.in_(failed),
+                                                           Delivery.first_failed_at.is_(None))
+                                    .values(first_failed_at=now))
+                for r in records:
+                    if r.suppress_subscriber is not None:
+                        self._hard_bounce(session, r)
+            if handovers:
+                ids = [op.delivery_id for op in handovers]
+                marked = set(session.scalars(
+                    update(Delivery)
+                    .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.sending,
+                           Delivery.claimed_by == self.worker, _ELIGIBLE)
+                    .values(handed_over_at=now)
+                    .returning(Delivery.id)
+                ))
+                for op in handovers:
+                    answers[id(op)] = op.delivery_id in marked
+        self.commits += 1
+        return answers
+
+    @staticmethod
+    def _hard_bounce(session: Session, outcome: Outcome) -> None:
+        subscriber = session.scalars(
+            select(Subscriber).where(Subscriber.id == outcome.suppress_subscriber)
+        ).first()
+        if subscriber is None:
+            return
+        detail = f"{outcome.code} {outcome.text or ''}".strip()
+        store.add_suppression(session, email_hash=subscriptions.hash_email(subscriber.email_key),
+                              email=subscriber.email, reason="hard-bounce", detail=detail)
+        subscriptions.mark_bounced(session, subscriber=subscriber, detail=detail,
+                                   origin=Origin(channel="smtp"))

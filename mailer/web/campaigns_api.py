@@ -1,0 +1,133 @@
+"""Admin API for campaigns: create, send, schedule, pause, resume, cancel, test, progress."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from mailer import campaigns
+from mailer.db import session_scope
+from mailer.models import Campaign
+from mailer.subscriptions import normalize_email
+from mailer.web.api import require_admin
+
+router = APIRouter(prefix="/api/campaigns", dependencies=[Depends(require_admin)], tags=["campaigns"])
+
+
+class CampaignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(min_length=1, max_length=998, description="A Jinja template; sees name, email, links.")
+    html: str = Field(min_length=1, description="A Jinja template, placed inside templates/email/broadcast/.")
+    text: str = Field(default="", description="Optional; made from the HTML when empty.")
+    categories: list[str] = Field(default=[], description="Category slugs; empty means everyone confirmed.")
+
+
+class CampaignOut(BaseModel):
+    id: int
+    kind: str
+    subject: str
+    status: str
+    status_reason: str
+    categories: list[str]
+    total: int
+    counts: dict[str, int]
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ScheduleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    at: datetime
+
+
+class TestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    emails: Annotated[list[str], Field(min_length=1, max_length=20)]
+
+
+class TestResult(BaseModel):
+    email: str
+    sent: bool
+    reply: str
+
+
+def _out(campaign_id: int) -> CampaignOut:
+    with session_scope() as session:
+        progress = campaigns.progress(session, campaign_id)
+    return CampaignOut(**{name: getattr(progress, name) for name in CampaignOut.model_fields})
+
+
+@router.post("", status_code=201)
+def create(body: CampaignIn) -> CampaignOut:
+    with session_scope() as session:
+        campaign = campaigns.create(session, subject=body.subject, html=body.html, text=body.text,
+                                    categories=body.categories)
+        campaign_id = campaign.id
+    return _out(campaign_id)
+
+
+@router.get("")
+def list_campaigns(limit: int = 50) -> list[CampaignOut]:
+    with session_scope() as session:
+        ids = session.scalars(select(Campaign.id).order_by(Campaign.id.desc()).limit(max(1, min(limit, 500)))).all()
+    return [_out(campaign_id) for campaign_id in ids]
+
+
+@router.get("/{campaign_id}")
+def get(campaign_id: int) -> CampaignOut:
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/send", status_code=202)
+def send(campaign_id: int) -> CampaignOut:
+    with session_scope() as session:
+        started = campaigns.start(session, campaign_id)
+    if started:
+        campaigns.kick(campaign_id)
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/schedule")
+def schedule(campaign_id: int, body: ScheduleIn) -> CampaignOut:
+    with session_scope() as session:
+        campaigns.schedule(session, campaign_id, body.at)
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/pause")
+def pause(campaign_id: int) -> CampaignOut:
+    with session_scope() as session:
+        campaigns.pause(session, campaign_id)
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/resume")
+def resume(campaign_id: int) -> CampaignOut:
+    with session_scope() as session:
+        resumed = campaigns.resume(session, campaign_id)
+    if resumed:
+        campaigns.kick(campaign_id)
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/cancel")
+def cancel(campaign_id: int) -> CampaignOut:
+    with session_scope() as session:
+        campaigns.cancel(session, campaign_id)
+    return _out(campaign_id)
+
+
+@router.post("/{campaign_id}/test")
+async def test(campaign_id: int, body: TestIn, response: Response) -> list[TestResult]:
+    emails = [normalize_email(email)[0] for email in body.emails]
+    results = await campaigns.send_test(campaign_id, emails)
+    if not all(result.ok for result in results.values()):
+        response.status_code = 502
+    return [TestResult(email=email, sent=result.ok, reply=f"{result.code} {result.text}".strip())
+            for email, result in results.items()]
