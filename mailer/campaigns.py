@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -223,14 +223,12 @@ def tick() -> dict[str, int]:
         with session_scope() as session:
             if start(session, campaign_id):
                 started.append(campaign_id)
-    quiet_since = utcnow() - timedelta(seconds=settings.worker_timeout)
     with session_scope() as session:
         sending = session.scalars(select(Campaign.id).where(Campaign.status == CampaignStatus.sending)).all()
         for campaign_id in sending:
             if campaign_id in started:
                 continue
-            if store.has_claimable(session, campaign_id) and not store.recently_claimed(session, campaign_id,
-                                                                                         quiet_since):
+            if store.has_claimable(session, campaign_id) and not store.being_sent(session, campaign_id):
                 kicked.append(campaign_id)
             else:
                 finish_if_done(session, campaign_id)

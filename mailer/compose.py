@@ -117,7 +117,7 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
     from_name, from_addr = parseaddr(settings.from_)
     shared = [
         f"From: {format_address(from_name, from_addr)}",
-        f"Date: {formatdate(localtime=False)}",
+        f"Date: {formatdate(usegmt=True)}",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/alternative; boundary="{boundary}"',
         f"List-Id: {encode_header_value(settings.list_id_header)}",

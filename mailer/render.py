@@ -121,7 +121,7 @@ def build_message(rendered: Rendered, *, to_email: str, to_name: str = "", heade
     message["Subject"] = rendered.subject
     message["From"] = Address(display_name=from_name, addr_spec=from_addr)
     message["To"] = Address(display_name=clean_name(to_name), addr_spec=to_email)
-    message["Date"] = formatdate(localtime=False)
+    message["Date"] = formatdate(usegmt=True)
     message["Message-ID"] = make_msgid(domain=settings.list_domain)
     for name, value in {**rendered.headers, **(headers or {})}.items():
         if any(ch in value for ch in "\r\n"):

@@ -236,9 +236,10 @@ def has_open_work(session: Session, campaign_id: int) -> bool:
     ) or False
 
 
-def recently_claimed(session: Session, campaign_id: int, since: datetime) -> bool:
+def being_sent(session: Session, campaign_id: int) -> bool:
+    """Whether some worker holds claims on this campaign right now."""
     return session.scalar(select(exists().where(
-        Delivery.campaign_id == campaign_id, Delivery.claimed_at >= since,
+        Delivery.campaign_id == campaign_id, Delivery.state == DeliveryState.sending,
     ))) or False
 
 

@@ -28,7 +28,17 @@ from mailer import queue
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.migrate import upgrade
-from mailer.models import Category, ConsentEvent, Notice, Subscriber, subscriber_categories
+from mailer.models import (
+    Campaign,
+    Category,
+    ConsentEvent,
+    Delivery,
+    Notice,
+    Subscriber,
+    Suppression,
+    WorkerBeat,
+    subscriber_categories,
+)
 from mailer.web import clients
 from mailer.web.app import create_app
 
@@ -158,7 +168,8 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 
 def empty_tables() -> None:
     with session_scope() as session:
-        for table in (subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
+        for table in (Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
+                      subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
             session.execute(delete(table))
         session.execute(delete(Category).where(Category.id > STARTER_SLUGS))
 
@@ -241,3 +252,26 @@ def backdate_notices(email: str, *, minutes: float) -> None:
         for notice in session.scalars(select(Notice).where(Notice.subscriber_id == row.id)):
             session.execute(update(Notice).where(Notice.id == notice.id)
                             .values(created_at=notice.created_at - timedelta(minutes=minutes)))
+
+
+def make_readers(count: int, *, prefix: str = "reader", categories: tuple[str, ...] = (),
+                 status: str = "confirmed") -> list[int]:
+    """Insert readers quickly (one statement); returns their ids in order."""
+    from sqlalchemy import insert
+
+    from mailer.models import Category, utcnow
+    from mailer.subscriptions import hash_email
+
+    now = utcnow()
+    rows = [{"email": f"{prefix}{i}@example.org", "email_key": f"{prefix}{i}@example.org",
+             "email_hash": hash_email(f"{prefix}{i}@example.org"), "name": f"Reader {i}", "frequency": "daily",
+             "status": status, "created_at": now, "updated_at": now, "confirmed_at": now} for i in range(count)]
+    with session_scope() as session:
+        session.execute(insert(Subscriber), rows)
+        ids = list(session.scalars(select(Subscriber.id).where(Subscriber.email_key.like(f"{prefix}%@example.org"))
+                                   .order_by(Subscriber.id)))
+        if categories:
+            wanted = list(session.scalars(select(Category.id).where(Category.slug.in_(categories))))
+            session.execute(insert(subscriber_categories),
+                            [{"subscriber_id": s, "category_id": c} for s in ids for c in wanted])
+    return ids

@@ -1,0 +1,110 @@
+"""A fault-injecting SMTP server (aiosmtpd) for tests.
+
+Each recipient's fate on each attempt is decided by a rule: explicit ones by address, the rest
+drawn from a seeded random generator keyed on (seed, address, attempt), so a run is repeatable
+whatever order the mails arrive in. Modes:
+
+    ok        250
+    421       421 at RCPT, then the server hangs up
+    451/452   temporary refusal at RCPT
+    550       permanent refusal at RCPT (5.1.1, bad mailbox)
+    550-policy permanent refusal at RCPT (5.7.1, not about the address)
+    554-data  permanent refusal after the final dot
+    drop      the server takes the message, then closes the connection without answering
+    hang      the server takes the message, then never answers
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from tests.conftest import Received, free_port
+
+RCPT_REPLIES = {
+    "421": "421 4.3.2 Service shutting down",
+    "451": "451 4.3.0 Try again later",
+    "452": "452 4.2.2 Mailbox full, try later",
+    "550": "550 5.1.1 No such user",
+    "550-policy": "550 5.7.1 Message refused by policy",
+}
+
+
+@dataclass
+class FaultySmtp:
+    seed: int = 0
+    rates: dict[str, float] = field(default_factory=dict)
+    rules: dict[str, list[str]] = field(default_factory=dict)
+    hang_seconds: float = 30.0
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    attempts: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _modes: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
+
+    def mode(self, address: str, attempt: int) -> str:
+        listed = self.rules.get(address.lower())
+        if listed is not None:
+            return listed[attempt] if attempt < len(listed) else "ok"
+        if attempt > 0 or not self.rates:
+            return "ok"
+        draw = random.Random(f"{self.seed}:{address.lower()}").random()
+        for mode, rate in self.rates.items():
+            if draw < rate:
+                return mode
+            draw -= rate
+        return "ok"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        with self.lock:
+            attempt = self.attempts[address.lower()]
+            self.attempts[address.lower()] += 1
+        mode = self.mode(address, attempt)
+        if mode in RCPT_REPLIES:
+            if mode == "421":
+                asyncio.get_running_loop().call_later(0.01, server.transport.close)
+            return RCPT_REPLIES[mode]
+        self._modes[id(session)][address.lower()] = mode
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        modes = self._modes.pop(id(session), {})
+        mode = next((modes.get(r.lower(), "ok") for r in envelope.rcpt_tos), "ok")
+        if mode == "554-data":
+            return "554 5.6.0 Message content rejected"
+        with self.lock:
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        if mode == "drop":
+            server.transport.close()
+            return "250 OK (never seen by the client)"
+        if mode == "hang":
+            await asyncio.sleep(self.hang_seconds)
+        return "250 2.0.0 OK"
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        with self.lock:
+            self.connections += 1
+        session.host_name = hostname
+        return responses
+
+    def count(self, address: str) -> int:
+        with self.lock:
+            return sum(1 for m in self.received if address.lower() in (r.lower() for r in m.recipients))
+
+
+def start_faulty(**kwargs: Any) -> tuple[FaultySmtp, Controller]:
+    handler = FaultySmtp(**kwargs)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    handler.port = controller.port
+    return handler, controller

@@ -1,0 +1,119 @@
+"""Every SMTP failure mode ends in its documented delivery state (README, "Delivery states")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mailer.models import Status
+from tests.campaign_helpers import create, deliveries, wait_until
+from tests.conftest import make_readers, subscriber_row
+from tests.faultsmtp import FaultySmtp, start_faulty
+
+
+@pytest.fixture
+def faulty(env: Callable[..., None]) -> Iterator[FaultySmtp]:
+    rules = {
+        "reader0@example.org": ["ok"],
+        "reader1@example.org": ["550"],
+        "reader2@example.org": ["550-policy"],
+        "reader3@example.org": ["451"],
+        "reader4@example.org": ["452", "452"],
+        "reader5@example.org": ["421"],
+        "reader6@example.org": ["554-data"],
+        "reader7@example.org": ["drop"],
+        "reader8@example.org": ["hang"],
+        "reader9@example.org": ["421", "421"],
+    }
+    handler, controller = start_faulty(rules=rules, hang_seconds=5)
+    env(smtp_url=f"smtp://127.0.0.1:{handler.port}", smtp_timeout="1", retry_base_seconds="0.3",
+        pause_failure_rate="1", smtp_connections="3", batch_size="4")
+    yield handler
+    controller.stop()
+
+
+def test_each_failure_mode_ends_in_its_state(admin: TestClient, faulty: FaultySmtp) -> None:
+    """250 sent; 5xx failed (5.1.1 also suppressed); 4xx retried; drop and hang after DATA unknown."""
+    make_readers(10)
+    campaign_id = create(admin)
+    admin.post(f"/api/campaigns/{campaign_id}/send")
+    done = wait_until(admin, campaign_id)
+    rows = deliveries(campaign_id)
+    state = {email.split("@")[0]: row.state.value for email, row in rows.items()}
+    assert state == {
+        "reader0": "sent",
+        "reader1": "failed",
+        "reader2": "failed",
+        "reader3": "sent",      # 451, then accepted on the retry
+        "reader4": "sent",      # 452 twice, then accepted
+        "reader5": "sent",      # 421: a fresh connection at once, accepted there
+        "reader6": "failed",    # 554 after the final dot
+        "reader7": "unknown",   # the server took it and hung up before answering
+        "reader8": "unknown",   # the server took it and never answered
+        "reader9": "sent",      # 421 twice: deferred, then accepted
+    }
+    assert done["counts"]["sent"] == 5
+    assert rows["reader1@example.org"].smtp_code == 550
+    assert "5.1.1" in (rows["reader1@example.org"].smtp_text or "")
+    assert rows["reader4@example.org"].attempts == 3
+    # A bad mailbox is suppressed and its reader marked bounced; a policy refusal is not about the address.
+    assert subscriber_row("reader1@example.org").status is Status.bounced
+    assert subscriber_row("reader2@example.org").status is Status.confirmed
+    # Exactly what the server took: one copy each, none for refusals, and no resend of the unknowns.
+    for number, copies in enumerate([1, 0, 0, 1, 1, 1, 0, 1, 1, 1]):
+        assert faulty.count(f"reader{number}@example.org") == copies, number
+    # A 421 is never followed by more commands on the same session.
+    assert faulty.connections >= 3
+
+
+def test_temporary_failures_fail_after_the_deadline(admin: TestClient, env: Callable[..., None]) -> None:
+    """A 4xx that keeps coming is retried with backoff until the deadline, then the delivery fails."""
+    handler, controller = start_faulty(rules={"reader0@example.org": ["451"] * 100})
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}", retry_base_seconds="0.2",
+            retry_deadline_hours=str(1.5 / 3600), pause_failure_rate="1")
+        make_readers(1)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        wait_until(admin, campaign_id, timeout=30)
+        row = deliveries(campaign_id)["reader0@example.org"]
+        assert row.state.value == "failed"
+        assert row.smtp_code == 451
+        assert 2 <= row.attempts <= 8
+    finally:
+        controller.stop()
+
+
+def test_unknown_is_resent_when_configured(admin: TestClient, env: Callable[..., None]) -> None:
+    """With MAILER_RESEND_UNKNOWN=true a drop after DATA is retried, accepting the risk of a copy."""
+    handler, controller = start_faulty(rules={"reader0@example.org": ["drop", "ok"]})
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}", retry_base_seconds="0.2", resend_unknown="true",
+            pause_failure_rate="1")
+        make_readers(1)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        wait_until(admin, campaign_id)
+        assert deliveries(campaign_id)["reader0@example.org"].state.value == "sent"
+        assert handler.count("reader0@example.org") == 2
+    finally:
+        controller.stop()
+
+
+def test_campaign_pauses_itself_when_too_many_fail(admin: TestClient, env: Callable[..., None]) -> None:
+    """Past the failure threshold the campaign pauses and says why; what is left stays pending."""
+    handler, controller = start_faulty(seed=7, rates={"550-policy": 1.0})
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}", pause_failure_rate="0.5", pause_failure_window="40",
+            batch_size="10")
+        make_readers(200)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        paused = wait_until(admin, campaign_id, statuses=("paused",))
+        assert paused["status_reason"].startswith("Paused automatically: 100% of the last")
+        assert "550 5.7.1" in paused["status_reason"]
+        assert paused["counts"]["pending"] > 100
+    finally:
+        controller.stop()
