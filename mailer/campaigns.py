@@ -48,9 +48,14 @@ def _rendered(campaign: Campaign, context: dict[str, Any]) -> render.Rendered:
     return render.render_campaign(subject=campaign.subject, html=campaign.html, text=campaign.text, context=context)
 
 
-def message_template(campaign: Campaign) -> compose.MessageTemplate:
-    """The campaign rendered once, with markers where each reader's fields go."""
-    return compose.prepare(lambda context: _rendered(campaign, context), {})
+def message_templates(campaign: Campaign) -> compose.Variants:
+    """The campaign rendered once per variant, with markers where each reader's fields go."""
+    subject, html, text = campaign.subject, campaign.html, campaign.text
+
+    def rendered(context: dict[str, Any]) -> render.Rendered:
+        return render.render_campaign(subject=subject, html=html, text=text, context=context)
+
+    return compose.Variants(rendered)
 
 
 def create(session: Session, *, subject: str, html: str, text: str = "", categories: list[str] | None = None,
@@ -68,8 +73,12 @@ def create(session: Session, *, subject: str, html: str, text: str = "", categor
         raise InvalidInput("categories", f"Unknown category: {', '.join(unknown)}.")
     campaign = Campaign(kind=kind, subject=subject.strip(), html=html, text=text or "", categories=wanted,
                         status=CampaignStatus.draft, status_reason="", total=0)
-    # Render once with sample values: template errors show up now, not halfway through a send.
+    # Render with sample values and with markers: template errors show up now, not halfway through a send.
     _rendered(campaign, SAMPLE_READER.fields())
+    variants = message_templates(campaign)
+    for name in ("x", ""):
+        variants.for_reader(compose.Reader(email="x@example.org", name=name, unsubscribe_url="u",
+                                           preferences_url="p"))
     session.add(campaign)
     session.flush()
     return campaign
@@ -187,14 +196,14 @@ async def send_test(campaign_id: int, emails: list[str]) -> dict[str, Result]:
     """Send the campaign to test addresses, marked [Test], without touching deliveries."""
     settings = get_settings()
     with session_scope() as session:
-        template = message_template(_get(session, campaign_id))
+        variants = message_templates(_get(session, campaign_id))
     transport = transport_for(settings)
     results: dict[str, Result] = {}
     try:
         for email in emails:
             reader = compose.Reader(email=email, name="", unsubscribe_url=f"{settings.base_url}/unsubscribe/test",
                                     preferences_url=f"{settings.base_url}/preferences/test")
-            data = template.personalise(reader, message_id=f"<test.{campaign_id}.{tokens.make_nonce()}@"
+            data = variants.for_reader(reader).personalise(reader, message_id=f"<test.{campaign_id}.{tokens.make_nonce()}@"
                                                            f"{settings.list_domain}>")
             data = data.replace(b"\r\nSubject: ", b"\r\nSubject: [Test] ", 1)
             results[email] = await transport.send(Envelope(settings.from_address, email, sign(data, settings)))

@@ -19,6 +19,7 @@ from email.utils import formatdate, parseaddr
 from typing import Any
 
 from mailer.config import get_settings
+from mailer.errors import InvalidInput
 from mailer.render import ONE_CLICK, Rendered, list_unsubscribe
 
 PERSONAL_FIELDS = ("name", "email", "unsubscribe_url", "preferences_url")
@@ -83,6 +84,8 @@ class MessageTemplate:
         values = reader.fields()
         text, body, subject = self.text, self.html, self.subject
         for field, marker in self.markers.items():
+            if not marker:
+                continue
             if marker in subject:
                 subject = subject.replace(marker, values[field])
             text = text.replace(marker, values[field])
@@ -108,11 +111,29 @@ class MessageTemplate:
         ))
 
 
-def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any]) -> MessageTemplate:
-    """Render once with markers for the personal fields; `render` gets the context with the markers in it."""
+def check_markers(rendered: Rendered, marks: Mapping[str, str]) -> None:
+    """Refuse templates that transform a personal field (`{{ name | upper }}`): the marker would come out
+    changed, and the reader's value could not be put in. Printing and testing a field are fine."""
+    stem = next(iter(marks.values()))[:16].lower()  # "zmlr" and the nonce, shared by every marker
+    for part, output in (("subject", rendered.subject), ("html", rendered.html), ("text", rendered.text)):
+        if output.lower().count(stem) != sum(output.count(marker) for marker in marks.values()):
+            raise InvalidInput(part, f"In the {part}, a reader's field ({', '.join(PERSONAL_FIELDS)}) can be "
+                                     "printed, as in {{ name }}, or tested, as in {% if name %}, but not changed "
+                                     "by a filter or an expression.")
+
+
+def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any], *,
+            with_name: bool = True) -> MessageTemplate:
+    """Render once with markers for the personal fields; `render` gets the context with the markers in it.
+
+    Templates may test the name (`{% if name %}`, `{{ name or 'reader' }}`), so readers with and
+    without a name get separate renders (`with_name`); every other field is never empty."""
     settings = get_settings()
     marks = markers()
+    if not with_name:
+        marks["name"] = ""
     rendered = render({**context, **marks})
+    check_markers(rendered, {k: v for k, v in marks.items() if v})
     boundary = f"=_mailer_{secrets.token_hex(12)}"
     from_name, from_addr = parseaddr(settings.from_)
     shared = [
@@ -132,3 +153,21 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
         shared_headers=("\r\n".join(shared) + "\r\n").encode("ascii"),
         boundary=boundary,
     )
+
+
+class Variants:
+    """A mail's renders, made on first use: one for readers with a name and one for readers without."""
+
+    def __init__(self, render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any] | None = None) -> None:
+        self.render = render
+        self.context = context or {}
+        self.made: dict[bool, MessageTemplate] = {}
+        self.renders = 0
+
+    def for_reader(self, reader: Reader) -> MessageTemplate:
+        key = bool(reader.name)
+        template = self.made.get(key)
+        if template is None:
+            template = self.made[key] = prepare(self.render, self.context, with_name=key)
+            self.renders += 1
+        return template

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mailer import campaigns, heartbeat, policy, queue, store, tokens
-from mailer.compose import MessageTemplate, Reader
+from mailer.compose import Reader, Variants
 from mailer.config import Settings, get_settings
 from mailer.db import session_scope
 from mailer.models import Campaign, CampaignStatus, DeliveryState, Status, Subscriber, utcnow
@@ -73,7 +73,7 @@ def message_id(campaign_id: int, delivery_id: int, domain: str) -> str:
 class Batch:
     """Sends one batch of jobs over the lanes (one SMTP connection each), recording every answer."""
 
-    def __init__(self, *, campaign_id: int, template: MessageTemplate, recorder: Recorder, throttle: Throttle,
+    def __init__(self, *, campaign_id: int, template: Variants, recorder: Recorder, throttle: Throttle,
                  window: FailureWindow, settings: Settings) -> None:
         self.campaign_id = campaign_id
         self.template = template
@@ -86,7 +86,8 @@ class Batch:
         links = tokens.urls(job.reader.id)
         mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
         reader = Reader(email=job.reader.email, name=job.reader.name, **links)
-        return sign(self.template.personalise(reader, message_id=mid), self.settings), mid
+        data = self.template.for_reader(reader).personalise(reader, message_id=mid)
+        return sign(data, self.settings), mid
 
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
         # The lanes share one iterator, so a slow connection takes fewer jobs.
@@ -120,12 +121,12 @@ class Batch:
 class Claimed:
     jobs: list[Job]
     skipped: list[tuple[int, str]]
-    template: MessageTemplate | None
+    template: Variants | None
     go_on: bool
 
 
 def _claim(campaign_id: int, worker: str, settings: Settings,
-           prepare: Callable[[Campaign], MessageTemplate] | None) -> Claimed:
+           prepare: Callable[[Campaign], Variants] | None) -> Claimed:
     """Claim a batch and load its readers; readers who left or were suppressed meanwhile are skipped."""
     with session_scope() as session:
         campaign = session.get(Campaign, campaign_id)
@@ -161,7 +162,7 @@ async def _run(campaign_id: int) -> bool:
     lanes = [transport_for(settings) for _ in range(settings.smtp_connections)]
     throttle = Throttle(rate=settings.smtp_rate, domain_rate=settings.domain_rate)
     window = FailureWindow(size=settings.pause_failure_window, threshold=settings.pause_failure_rate)
-    template: MessageTemplate | None = None
+    template: Variants | None = None
     deadline = time.monotonic() + settings.task_seconds
     more = False
     try:
@@ -170,7 +171,7 @@ async def _run(campaign_id: int) -> bool:
                 more = True
                 break
             claimed = await asyncio.to_thread(
-                _claim, campaign_id, worker, settings, None if template else campaigns.message_template)
+                _claim, campaign_id, worker, settings, None if template else campaigns.message_templates)
             template = template or claimed.template
             if not claimed.go_on:
                 break

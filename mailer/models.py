@@ -128,7 +128,8 @@ class Subscriber(Base):
         secondary=subscriber_categories, order_by=Category.position, lazy="selectin"
     )
 
-    __table_args__ = (Index("ix_subscribers_status", "status", "id"),)
+    # Never reuse a deleted subscriber's id on SQLite: links in old mails carry it.
+    __table_args__ = (Index("ix_subscribers_status", "status", "id"), {"sqlite_autoincrement": True})
 
 
 class ConsentEvent(Base):

@@ -11,7 +11,7 @@ import enum
 import secrets
 from typing import Any
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
 
 from mailer.config import get_settings
 from mailer.errors import BadToken, ExpiredToken
@@ -24,8 +24,13 @@ class Purpose(enum.StrEnum):
     csrf = "csrf"
 
 
-def _serializer(purpose: Purpose) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(get_settings().signing_key(), salt=f"mailer.{purpose.value}")
+# Links that never expire carry no time, so a reader's unsubscribe link is the same in every mail.
+TIMELESS = {Purpose.unsubscribe, Purpose.preferences}
+
+
+def _serializer(purpose: Purpose) -> URLSafeSerializer:
+    kind = URLSafeSerializer if purpose in TIMELESS else URLSafeTimedSerializer
+    return kind(get_settings().signing_key(), salt=f"mailer.{purpose.value}")
 
 
 def make(purpose: Purpose, subscriber_id: int, *extra: Any) -> str:
@@ -36,7 +41,10 @@ def read(purpose: Purpose, token: str, *, max_age: float | None = None) -> list[
     """Return the payload `[subscriber_id, *extra]`, or raise BadToken / ExpiredToken."""
     serializer = _serializer(purpose)
     try:
-        payload = serializer.loads(token, max_age=None if max_age is None else max(1, round(max_age)))
+        if isinstance(serializer, URLSafeTimedSerializer):
+            payload = serializer.loads(token, max_age=None if max_age is None else max(1, round(max_age)))
+        else:
+            payload = serializer.loads(token)
     except SignatureExpired as expired:
         payload = serializer.load_payload(expired.payload) if expired.payload is not None else None
         if isinstance(payload, list) and payload and isinstance(payload[0], int):

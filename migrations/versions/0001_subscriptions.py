@@ -45,7 +45,9 @@ def upgrade() -> None:
     sa.Column('confirmed_at', mailer.models.UTCDateTime(), nullable=True),
     sa.Column('unsubscribed_at', mailer.models.UTCDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('email_key')
+    sa.UniqueConstraint('email_key'),
+    # Never reuse a deleted subscriber's id: old links carry it.
+    sqlite_autoincrement=True,
     )
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.create_index('ix_subscribers_status', ['status', 'id'], unique=False)

@@ -1,0 +1,225 @@
+"""Campaigns through the admin API, sent in-process: audience, personalisation and lifecycle."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mailer import queue, tokens
+from mailer.db import session_scope
+from mailer.models import Subscriber
+from mailer.web.app import create_app
+from tests.campaign_helpers import create, deliveries, wait_until
+from tests.conftest import ADMIN_TOKEN, SmtpSink, make_readers, subscriber_row
+
+
+def test_bad_campaigns_are_refused_with_the_field_named(admin: TestClient) -> None:
+    """Empty fields, template errors, sandbox escapes and unknown categories get 422 naming the field."""
+    cases = [
+        ({"subject": " ", "html": "<p>x</p>"}, "subject"),
+        ({"subject": "Hi", "html": "<p>{% if %}</p>"}, "html"),
+        ({"subject": "Hi {{ name", "html": "<p>x</p>"}, "subject"),
+        ({"subject": "Hi", "html": "<p>{{ ''.__class__.__mro__[1].__subclasses__() }}</p>"}, "html"),
+        ({"subject": "Hi", "html": "<p>{{ nobody }}</p>"}, "html"),
+        ({"subject": "Hi", "html": "<p>x</p>", "categories": ["nope"]}, "categories"),
+        ({"subject": "Hi", "html": "<p>x</p>", "text": "{{ name | nofilter }}"}, "text"),
+        ({"subject": "Hi {{ name | upper }}", "html": "<p>x</p>"}, "subject"),
+        ({"subject": "Hi", "html": "<p>{{ email | replace('mail', 'x') }}</p>"}, "html"),
+    ]
+    for body, field in cases:
+        response = admin.post("/api/campaigns", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["field"] == field, body
+    assert admin.post("/api/campaigns", json={"subject": "Hi"}).status_code == 422
+    assert admin.get("/api/campaigns").json() == []
+
+
+def test_every_reader_gets_one_personal_mail(admin: TestClient, smtp: SmtpSink) -> None:
+    """Each reader gets exactly one mail with their name (escaped) and their own links in headers and body."""
+    make_readers(30)
+    with session_scope() as session:
+        tricky = session.get(Subscriber, make_readers(1, prefix="tricky")[0])
+        assert tricky is not None
+        tricky.name = "<b>Bold</b> & Co"
+    campaign_id = create(admin, subject="{{ name }}: sign the petition",
+                         html="<p>Dear {{ name }},</p><p><a href='{{ preferences_url }}'>prefs</a></p>")
+    assert admin.post(f"/api/campaigns/{campaign_id}/send").status_code == 202
+    done = wait_until(admin, campaign_id)
+    assert (done["total"], done["counts"]["sent"]) == (31, 31)
+    mails = smtp.wait_for(31)
+    assert Counter(m.recipients[0] for m in mails).most_common(1)[0][1] == 1
+    for mail in mails:
+        reader = subscriber_row(mail.recipients[0])
+        unsubscribe = f"https://news.example.org/unsubscribe/{tokens.unsubscribe_token(reader.id)}"
+        preferences = f"https://news.example.org/preferences/{tokens.preferences_token(reader.id)}"
+        message = mail.message
+        assert message["Subject"] == f"{reader.name}: sign the petition"
+        assert str(message["List-Unsubscribe"]).startswith(f"<{unsubscribe}>")
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert message["Message-ID"].startswith(f"<c{campaign_id}.d")
+        html, text = mail.part("html"), mail.part("plain")
+        assert unsubscribe in html and unsubscribe in text
+        assert f"href=\"{preferences}\"" in html
+        if reader.name.startswith("<b>"):
+            assert "Dear &lt;b&gt;Bold&lt;/b&gt; &amp; Co," in html
+            assert "Dear <b>Bold</b> & Co," in text
+        else:
+            assert f"Dear {reader.name}," in html
+
+
+def test_category_audience(admin: TestClient, smtp: SmtpSink) -> None:
+    """A category campaign reaches readers of that category and readers who chose none (all), nobody else."""
+    make_readers(3, prefix="russia", categories=("us-russia-relations",))
+    make_readers(2, prefix="nato", categories=("us-nato-relations",))
+    make_readers(2, prefix="all")
+    make_readers(2, prefix="pending", status="pending", categories=("us-russia-relations",))
+    campaign_id = create(admin, categories=["us-russia-relations"])
+    admin.post(f"/api/campaigns/{campaign_id}/send")
+    wait_until(admin, campaign_id)
+    got = sorted(m.recipients[0].split("@")[0] for m in smtp.wait_for(5))
+    assert got == ["all0", "all1", "russia0", "russia1", "russia2"]
+
+
+def test_pause_resume_double_start_and_restart_send_exactly_once(admin: TestClient, smtp: SmtpSink,
+                                                                 env: Callable[..., None]) -> None:
+    """Many pauses and resumes, a second start and a new app in between: every reader gets one mail."""
+    env(smtp_rate="400", batch_size="20")
+    make_readers(300)
+    campaign_id = create(admin)
+    assert admin.post(f"/api/campaigns/{campaign_id}/send").json()["status"] == "sending"
+    again = admin.post(f"/api/campaigns/{campaign_id}/send")
+    assert (again.status_code, again.json()["total"]) == (202, 300)
+    paused_counts = []
+    for round_number in range(5):
+        time.sleep(0.1)
+        assert admin.post(f"/api/campaigns/{campaign_id}/pause").json()["status"] == "paused"
+        queue.drain()
+        before = admin.get(f"/api/campaigns/{campaign_id}").json()["counts"]
+        time.sleep(0.2)
+        after = admin.get(f"/api/campaigns/{campaign_id}").json()["counts"]
+        assert before == after, "nothing moves while paused"
+        assert after["sending"] == 0
+        paused_counts.append(after["sent"])
+        if round_number == 2:
+            # A restart of the app: a new process would start with a fresh app and no loops running.
+            with TestClient(create_app(), base_url="https://news.example.org",
+                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as fresh:
+                assert fresh.post(f"/api/campaigns/{campaign_id}/resume").json()["status"] == "sending"
+        else:
+            admin.post(f"/api/campaigns/{campaign_id}/resume")
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+    done = wait_until(admin, campaign_id)
+    assert done["counts"]["sent"] == 300
+    assert paused_counts == sorted(paused_counts)
+    assert paused_counts[0] < 300, "the first pause came before the end"
+    counts = Counter(m.recipients[0] for m in smtp.wait_for(300))
+    assert len(counts) == 300
+    assert set(counts.values()) == {1}
+
+
+def test_nobody_gets_mail_after_leaving_mid_campaign(admin: TestClient, smtp: SmtpSink,
+                                                     env: Callable[..., None]) -> None:
+    """A reader who unsubscribes, or an address suppressed, while a campaign is paused gets nothing after."""
+    env(batch_size="10")
+    ids = make_readers(40)
+    campaign_id = create(admin)
+    admin.post(f"/api/campaigns/{campaign_id}/send")
+    admin.post(f"/api/campaigns/{campaign_id}/pause")
+    queue.drain()
+    sent_before = {m.recipients[0] for m in smtp.messages}
+    leaving = [i for i in ids if f"reader{ids.index(i)}@example.org" not in sent_before][:2]
+    assert len(leaving) == 2
+    admin.post(f"/unsubscribe/{tokens.unsubscribe_token(leaving[0])}")
+    from mailer import store
+    from mailer.subscriptions import hash_email
+
+    email = f"reader{ids.index(leaving[1])}@example.org"
+    with session_scope() as session:
+        store.add_suppression(session, email_hash=hash_email(email), email=email, reason="admin", detail="test")
+    admin.post(f"/api/campaigns/{campaign_id}/resume")
+    done = wait_until(admin, campaign_id)
+    assert done["counts"]["skipped"] == 2
+    assert done["counts"]["sent"] == 38
+    got = {m.recipients[0] for m in smtp.messages}
+    assert f"reader{ids.index(leaving[0])}@example.org" not in got
+    assert email not in got
+
+
+def test_cancel_schedule_and_wrong_moves(admin: TestClient, smtp: SmtpSink) -> None:
+    """Cancel skips what is left; a due schedule starts at the next tick; impossible moves get 409."""
+    make_readers(5)
+    draft = create(admin)
+    assert admin.post(f"/api/campaigns/{draft}/pause").status_code == 409
+    assert "draft" in admin.post(f"/api/campaigns/{draft}/resume").json()["detail"]
+    assert admin.get("/api/campaigns/999999").status_code == 404
+    cancelled = admin.post(f"/api/campaigns/{draft}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert admin.post(f"/api/campaigns/{draft}/send").status_code == 409
+
+    scheduled = create(admin)
+    future = datetime.now(UTC) + timedelta(hours=1)
+    body = admin.post(f"/api/campaigns/{scheduled}/schedule", json={"at": future.isoformat()}).json()
+    assert body["status"] == "scheduled"
+    naive = admin.post(f"/api/campaigns/{scheduled}/schedule", json={"at": "2026-12-01T08:00:00"})
+    assert (naive.status_code, naive.json()["field"]) == (422, "at")
+    from mailer import campaigns
+
+    campaigns.tick()
+    assert admin.get(f"/api/campaigns/{scheduled}").json()["status"] == "scheduled"
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    admin.post(f"/api/campaigns/{scheduled}/schedule", json={"at": past.isoformat()})
+    done = wait_until(admin, scheduled)
+    assert done["counts"]["sent"] == 5
+    assert len(smtp.wait_for(5)) == 5
+
+
+def test_test_send(admin: TestClient, smtp: SmtpSink) -> None:
+    """A test goes to the given addresses only, marked [Test]; a bad address is refused before sending."""
+    make_readers(3)
+    campaign_id = create(admin, subject="Hello {{ name or 'friend' }}")
+    response = admin.post(f"/api/campaigns/{campaign_id}/test", json={"emails": ["editor@example.org"]})
+    assert response.status_code == 200
+    assert response.json()[0]["sent"] is True
+    [mail] = smtp.wait_for(1)
+    assert mail.recipients == ["editor@example.org"]
+    assert mail.message["Subject"] == "[Test] Hello friend"
+    bad = admin.post(f"/api/campaigns/{campaign_id}/test", json={"emails": ["not an address"]})
+    assert (bad.status_code, bad.json()["field"]) == (422, "email")
+    assert admin.get(f"/api/campaigns/{campaign_id}").json()["status"] == "draft"
+    assert deliveries(campaign_id) == {}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_dkim_signature_verifies(admin: TestClient, smtp: SmtpSink, env: Callable[..., None], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With DKIM settings every mail carries a signature over From, Subject and the list headers."""
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.TraditionalOpenSSL,
+                                                          serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    import base64
+
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    env(dkim_domain="news.example.org", dkim_selector="mail", dkim_private_key=str(tmp_path / "dkim.pem"))
+    make_readers(2)
+    campaign_id = create(admin)
+    admin.post(f"/api/campaigns/{campaign_id}/send")
+    wait_until(admin, campaign_id)
+    for mail in smtp.wait_for(2):
+        signature = re.search(rb"DKIM-Signature:.*?(?=\r\n\S)", mail.data, re.S)
+        assert signature is not None
+        signed = signature.group(0).replace(b"\r\n", b"").replace(b" ", b"").lower()
+        for header in (b"from", b"subject", b"list-unsubscribe", b"list-unsubscribe-post"):
+            assert header in signed.split(b"h=")[1].split(b";")[0].split(b":")
+        assert dkim.verify(mail.data, dnsfunc=lambda name, timeout=5: record)
