@@ -203,8 +203,8 @@ async def send_test(campaign_id: int, emails: list[str]) -> dict[str, Result]:
         for email in emails:
             reader = compose.Reader(email=email, name="", unsubscribe_url=f"{settings.base_url}/unsubscribe/test",
                                     preferences_url=f"{settings.base_url}/preferences/test")
-            data = variants.for_reader(reader).personalise(reader, message_id=f"<test.{campaign_id}.{tokens.make_nonce()}@"
-                                                           f"{settings.list_domain}>")
+            test_id = f"<test.{campaign_id}.{tokens.make_nonce()}@{settings.list_domain}>"
+            data = variants.for_reader(reader).personalise(reader, message_id=test_id)
             data = data.replace(b"\r\nSubject: ", b"\r\nSubject: [Test] ", 1)
             results[email] = await transport.send(Envelope(settings.from_address, email, sign(data, settings)))
     finally:
