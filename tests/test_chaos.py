@@ -114,7 +114,8 @@ def test_sigkilled_workers_lose_and_double_nothing(env: Callable[..., None], smt
     assert swept > 0, "the kills left claims behind, which the sweeper had to hand back"
 
     with session_scope() as session:
-        rows = {d.subscriber_id: d for d in session.scalars(select(Delivery).where(Delivery.campaign_id == campaign_id))}
+        query = select(Delivery).where(Delivery.campaign_id == campaign_id)
+        rows = {d.subscriber_id: d for d in session.scalars(query)}
         emails = dict(session.execute(select(Subscriber.id, Subscriber.email_key)).all())
     received = Counter(m.recipients[0] for m in smtp.messages)
     assert len(rows) == 3000
