@@ -9,11 +9,13 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from mailer.cli_campaigns import app as campaign_app
 from mailer.config import Settings, describe_error, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Newsletter and subscriber mailer.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
+app.add_typer(campaign_app, name="campaign")
 
 
 def settings() -> Settings:
@@ -64,7 +66,7 @@ def serve(
     typer.echo(f"mailer on {current.base_url}: sign-up form at {current.base_url}/subscribe; "
                f"tasks {tasks}; mail to {where}.")
     # Proxy headers are handled by mailer itself (MAILER_TRUSTED_PROXIES), not by uvicorn.
-    uvicorn.run(create_app(), host=host, port=port, proxy_headers=False, log_level="info")
+    uvicorn.run(create_app(background=True), host=host, port=port, proxy_headers=False, log_level="info")
 
 
 def main() -> None:
@@ -72,6 +74,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ValidationError as error:
+        # Settings are read lazily by most commands; a bad one still ends in one sentence.
+        typer.secho(f"Configuration error: {describe_error(error)}", fg="red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

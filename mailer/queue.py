@@ -71,3 +71,28 @@ def drain(timeout: float = 30.0) -> None:
     with _lock:
         pending = list(_futures)
     wait(pending, timeout=timeout)
+
+
+class Ticker:
+    """Runs `campaigns.tick` every MAILER_TICK_SECONDS in a thread: Celery beat's job when there is no broker."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mailer-ticker", daemon=True)
+
+    def start(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        from mailer import campaigns
+
+        while not self._stop.wait(get_settings().tick_seconds):
+            try:
+                campaigns.tick()
+            except Exception:
+                log.exception("tick failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

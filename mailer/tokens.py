@@ -28,9 +28,10 @@ class Purpose(enum.StrEnum):
 TIMELESS = {Purpose.unsubscribe, Purpose.preferences}
 
 
-def _serializer(purpose: Purpose) -> URLSafeSerializer:
-    kind = URLSafeSerializer if purpose in TIMELESS else URLSafeTimedSerializer
-    return kind(get_settings().signing_key(), salt=f"mailer.{purpose.value}")
+def _serializer(purpose: Purpose) -> URLSafeSerializer | URLSafeTimedSerializer:
+    if purpose in TIMELESS:
+        return URLSafeSerializer(get_settings().signing_key(), salt=f"mailer.{purpose.value}")
+    return URLSafeTimedSerializer(get_settings().signing_key(), salt=f"mailer.{purpose.value}")
 
 
 def make(purpose: Purpose, subscriber_id: int, *extra: Any) -> str:

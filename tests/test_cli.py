@@ -86,3 +86,31 @@ def test_serve_migrates_sqlite_and_answers(tmp_path: Path) -> None:
         output = process.communicate(timeout=20)[0]
     assert "MAILER_SECRET_KEY is not set" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_campaign_commands(tmp_path: Path, env, backend: str, smtp) -> None:  # type: ignore[no-untyped-def]
+    """create → send --wait shows progress and ends finished; bad input and wrong moves name the problem."""
+    from tests.conftest import base_env, make_readers
+
+    make_readers(25)
+    (tmp_path / "body.html").write_text("<p>Dear {{ name }}, sign the petition.</p>")
+    settings = base_env(backend, smtp.port, tmp_path / "outbox")
+    bad = run(["campaign", "create", "--subject", "Hi", "--html", "body.html", "--category", "nope"], tmp_path,
+              **settings)
+    assert (bad.returncode, bad.stderr.strip()) == (1, "Error: categories: Unknown category: nope.")
+    missing = run(["campaign", "create", "--subject", "Hi", "--html", "missing.html"], tmp_path, **settings)
+    assert missing.returncode == 1
+    assert "--html: cannot read missing.html" in missing.stderr
+    created = run(["campaign", "create", "--subject", "Hi {{ name }}", "--html", "body.html"], tmp_path, **settings)
+    assert created.returncode == 0, created.stderr
+    campaign_id = created.stdout.split()[2]
+    sent = run(["campaign", "send", campaign_id, "--wait"], tmp_path, **settings)
+    assert sent.returncode == 0, sent.stderr
+    assert "25/25" in sent.stdout
+    assert f"Campaign {campaign_id} finished" in sent.stdout
+    assert len(smtp.wait_for(25)) == 25
+    again = run(["campaign", "pause", campaign_id], tmp_path, **settings)
+    assert (again.returncode, again.stderr.strip()) == (1, f"Error: Campaign {campaign_id} is finished; it cannot "
+                                                            "become paused.")
+    assert "Traceback" not in again.stderr + sent.stderr + bad.stderr

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailer import __version__
+from mailer import __version__, queue
+from mailer.config import get_settings
 from mailer.db import engine
 from mailer.errors import Conflict, InvalidInput, MailerError, NotFound, RateLimited
 from mailer.web import api, campaigns_api, public
@@ -26,8 +30,20 @@ def _validation_sentence(error: RequestValidationError) -> str:
     return "; ".join(parts) + "."
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None)
+def create_app(*, background: bool = False) -> FastAPI:
+    """The app. With `background`, and no broker, it also runs the periodic tick and campaign loops itself."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        ticker = queue.Ticker().start() if background and not get_settings().broker_url else None
+        if ticker is not None:
+            # Campaigns that were sending when the server stopped go on at once.
+            queue.dispatch("tick")
+        yield
+        if ticker is not None:
+            ticker.stop()
+
+    app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.include_router(public.router)
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
