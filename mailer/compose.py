@@ -69,6 +69,45 @@ def _qp(text: str) -> bytes:
     return binascii.b2a_qp(text.replace("\r\n", "\n").encode("utf-8")).replace(b"\n", b"\r\n")
 
 
+# HTML lines are kept well under SMTP's 998 octets, leaving room for the longest personal value.
+HTML_LINE = 600
+SAFE_LINE = 990
+
+
+def fold_html(html: str) -> str:
+    """Break long HTML lines at spaces (whitespace is whitespace in HTML) and end lines with CRLF."""
+    lines = []
+    for line in html.replace("\r\n", "\n").split("\n"):
+        while len(line) > HTML_LINE:
+            cut = line.rfind(" ", 0, HTML_LINE)
+            if cut <= 0:
+                cut = line.find(" ", HTML_LINE)
+                if cut < 0:
+                    break
+            lines.append(line[:cut])
+            line = line[cut + 1:]
+        lines.append(line)
+    return "\r\n".join(lines)
+
+
+def text_part(text: str) -> tuple[bytes, bytes]:
+    """The text part as (Content-Transfer-Encoding, body): 7bit when it is short-lined ASCII, else quoted-printable."""
+    if text.isascii():
+        body = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("ascii")
+        if max(map(len, body.split(b"\r\n"))) <= SAFE_LINE:
+            return b"7bit", body
+    return b"quoted-printable", _qp(text)
+
+
+def html_part(html: str) -> tuple[bytes, bytes]:
+    """The HTML part as (Content-Transfer-Encoding, body). Non-ASCII becomes character references, so the
+    part is 7bit and needs no encoding per reader; a rare over-long line falls back to quoted-printable."""
+    body = html.encode("ascii", "xmlcharrefreplace")
+    if max(map(len, body.split(b"\r\n"))) <= SAFE_LINE:
+        return b"7bit", body
+    return b"quoted-printable", _qp(html)
+
+
 @dataclass(frozen=True)
 class MessageTemplate:
     """A rendered mail with markers where personal values go."""
@@ -90,6 +129,8 @@ class MessageTemplate:
                 subject = subject.replace(marker, values[field])
             text = text.replace(marker, values[field])
             body = body.replace(marker, html.escape(values[field]))
+        encoding, html_body = html_part(body)
+        text_encoding, text_body = text_part(text)
         headers = [
             f"To: {format_address(reader.name, reader.email)}",
             f"Subject: {encode_header_value(' '.join(subject.split()))}",
@@ -102,11 +143,11 @@ class MessageTemplate:
             self.shared_headers,
             "\r\n".join(headers).encode("ascii"),
             b"\r\n\r\n--", boundary,
-            b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
-            _qp(text),
+            b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: ", text_encoding, b"\r\n\r\n",
+            text_body,
             b"\r\n--", boundary,
-            b"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
-            _qp(body),
+            b"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: ", encoding, b"\r\n\r\n",
+            html_body,
             b"\r\n--", boundary, b"--\r\n",
         ))
 
@@ -148,7 +189,7 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
     return MessageTemplate(
         subject=rendered.subject,
         text=rendered.text,
-        html=rendered.html,
+        html=fold_html(rendered.html),
         markers=marks,
         shared_headers=("\r\n".join(shared) + "\r\n").encode("ascii"),
         boundary=boundary,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -170,26 +170,26 @@ class Settings(BaseSettings):
                     raise ValueError(f"has {item!r}, which is not an IP address or network") from None
         return value
 
-    @property
+    @cached_property
     def from_address(self) -> str:
         from email.utils import parseaddr
 
         return parseaddr(self.from_)[1]
 
-    @property
+    @cached_property
     def list_domain(self) -> str:
         return self.from_address.rpartition("@")[2] or "localhost"
 
-    @property
+    @cached_property
     def list_id_header(self) -> str:
         list_id = self.list_id or f"newsletter.{self.list_domain}"
         return f"{self.site_name} <{list_id}>"
 
-    @property
+    @cached_property
     def unsubscribe_address(self) -> str:
         return self.unsubscribe_mailto or f"unsubscribe@{self.list_domain}"
 
-    @property
+    @cached_property
     def smtp_urls(self) -> list[str]:
         return [part.strip() for part in self.smtp_url.split(",") if part.strip()]
 

@@ -81,6 +81,8 @@ class Batch:
         self.throttle = throttle
         self.window = window
         self.settings = settings
+        # Parsed once: MAILER_FROM's address is the envelope sender of every mail.
+        self.sender = settings.from_address
 
     def build(self, job: Job) -> tuple[bytes, str]:
         links = tokens.urls(job.reader.id)
@@ -94,7 +96,7 @@ class Batch:
         for job in jobs:
             await self.throttle.take(job.reader.email)
             data, mid = self.build(job)
-            envelope = Envelope(self.settings.from_address, job.reader.email, data)
+            envelope = Envelope(self.sender, job.reader.email, data)
             handover = functools.partial(self.recorder.handover, job.claim.delivery_id)
             result = await transport.send(envelope, before_data=handover)
             self.window.add(result)

@@ -7,6 +7,7 @@ List-Unsubscribe URLs are never folded into encoded words.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -73,7 +74,10 @@ def sandbox(autoescape: bool) -> SandboxedEnvironment:
 
 def html_to_text(html: str) -> str:
     """A readable text part from HTML, with links written out."""
-    return str(get_text(html, ParserConfig(display_links=True))).strip() + "\n"
+    text = str(get_text(html, ParserConfig(display_links=True)))
+    # inscriptis pads table cells with spaces; mail readers want short lines and single blank lines.
+    lines = [line.rstrip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
 def render_admin_template(field: str, source: str, context: dict[str, Any], *, html: bool) -> str:
