@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import Connection, Table, bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from mailer import store, subscriptions
@@ -60,9 +60,28 @@ _ELIGIBLE = exists().where(
     ~exists().where(Suppression.email_hash == Subscriber.email_hash),
 )
 
+_DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+
+# Core statements built once: the recorder runs them thousands of times a second.
+_HANDOVER = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
+           _DELIVERIES.c.state == DeliveryState.sending.value,
+           _DELIVERIES.c.claimed_by == bindparam("worker"),
+           _ELIGIBLE)
+    .values(handed_over_at=bindparam("now"))
+    .returning(_DELIVERIES.c.id)
+)
+
+_FIRST_FAILURE = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.c.first_failed_at.is_(None))
+    .values(first_failed_at=bindparam("now"))
+)
+
 _RESULT = (
-    update(Delivery.__table__)  # type: ignore[arg-type]
-    .where(Delivery.__table__.c.id == bindparam("b_id"), Delivery.__table__.c.claimed_by == bindparam("b_worker"))
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("b_id"), _DELIVERIES.c.claimed_by == bindparam("b_worker"))
     .values(
         state=bindparam("b_state"),
         smtp_code=bindparam("b_code"),
@@ -79,6 +98,7 @@ class Recorder:
     def __init__(self, worker: str) -> None:
         self.worker = worker
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="mailer-recorder", daemon=True)
         self._thread.start()
         self.commits = 0
@@ -127,6 +147,8 @@ class Recorder:
                 for op in ops:
                     self._resolve(op, value=answers.get(id(op), True))
             if stop:
+                if self._connection is not None:
+                    self._connection.close()
                 return
 
     @staticmethod
@@ -150,33 +172,37 @@ class Recorder:
         handovers = [op for op in ops if op.kind == "handover"]
         records = [op.outcome for op in ops if op.kind == "record" and op.outcome is not None]
         now = utcnow()
-        with Session(engine()) as session, session.begin():
-            if records:
-                session.connection().execute(_RESULT, [
-                    {"b_id": r.delivery_id, "b_worker": self.worker, "b_state": r.state.value, "b_code": r.code,
-                     "b_text": (r.text or "")[:1000] or None, "b_message_id": r.message_id,
-                     "b_next": r.next_attempt_at, "b_sent_at": now if r.state is DeliveryState.sent else None}
-                    for r in records
-                ])
-                failed = [r.delivery_id for r in records if r.failed]
-                if failed:
-                    session.execute(update(Delivery).where(Delivery.id.in_(failed),
-                                                           Delivery.first_failed_at.is_(None))
-                                    .values(first_failed_at=now))
-                for r in records:
-                    if r.suppress_subscriber is not None:
-                        self._hard_bounce(session, r)
-            if handovers:
-                ids = [op.delivery_id for op in handovers]
-                marked = set(session.scalars(
-                    update(Delivery)
-                    .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.sending,
-                           Delivery.claimed_by == self.worker, _ELIGIBLE)
-                    .values(handed_over_at=now)
-                    .returning(Delivery.id)
-                ))
-                for op in handovers:
-                    answers[id(op)] = op.delivery_id in marked
+        if self._connection is None or self._connection.closed:
+            self._connection = engine().connect()
+        connection = self._connection
+        try:
+            with connection.begin():
+                if records:
+                    connection.execute(_RESULT, [
+                        {"b_id": r.delivery_id, "b_worker": self.worker, "b_state": r.state.value, "b_code": r.code,
+                         "b_text": (r.text or "")[:1000] or None, "b_message_id": r.message_id,
+                         "b_next": r.next_attempt_at, "b_sent_at": now if r.state is DeliveryState.sent else None}
+                        for r in records
+                    ])
+                    failed = [r.delivery_id for r in records if r.failed]
+                    if failed:
+                        connection.execute(_FIRST_FAILURE, {"ids": failed, "now": now})
+                    bounced = [r for r in records if r.suppress_subscriber is not None]
+                    if bounced:
+                        with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+                            for r in bounced:
+                                self._hard_bounce(session, r)
+                            session.commit()
+                if handovers:
+                    ids = [op.delivery_id for op in handovers]
+                    marked = set(connection.scalars(_HANDOVER, {"ids": ids, "worker": self.worker, "now": now}))
+                    for op in handovers:
+                        answers[id(op)] = op.delivery_id in marked
+        except BaseException:
+            # A broken connection is not reused; the next group opens a fresh one.
+            connection.invalidate()
+            self._connection = None
+            raise
         self.commits += 1
         return answers
 

@@ -127,7 +127,7 @@ def test_pause_resume_double_start_and_restart_send_exactly_once(admin: TestClie
 def test_nobody_gets_mail_after_leaving_mid_campaign(admin: TestClient, smtp: SmtpSink,
                                                      env: Callable[..., None]) -> None:
     """A reader who unsubscribes, or an address suppressed, while a campaign is paused gets nothing after."""
-    env(batch_size="10")
+    env(batch_size="5", smtp_rate="40")
     ids = make_readers(40)
     campaign_id = create(admin)
     admin.post(f"/api/campaigns/{campaign_id}/send")
