@@ -74,10 +74,10 @@ HTML_LINE = 600
 SAFE_LINE = 990
 
 
-def fold_html(html: str) -> str:
-    """Break long HTML lines at spaces (whitespace is whitespace in HTML) and end lines with CRLF."""
+def fold_lines(content: str, linesep: str) -> str:
+    """Break long lines at spaces (in HTML a space and a line break are the same) so no line nears 998 octets."""
     lines = []
-    for line in html.replace("\r\n", "\n").split("\n"):
+    for line in content.replace("\r\n", "\n").split("\n"):
         while len(line) > HTML_LINE:
             cut = line.rfind(" ", 0, HTML_LINE)
             if cut <= 0:
@@ -87,15 +87,17 @@ def fold_html(html: str) -> str:
             lines.append(line[:cut])
             line = line[cut + 1:]
         lines.append(line)
-    return "\r\n".join(lines)
+    return linesep.join(lines)
 
 
-def text_part(text: str) -> tuple[bytes, bytes]:
-    """The text part as (Content-Transfer-Encoding, body): 7bit when it is short-lined ASCII, else quoted-printable."""
-    if text.isascii():
-        body = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("ascii")
+def text_part(text: str, *, eight_bit: bool = False) -> tuple[bytes, bytes]:
+    """The text part as (Content-Transfer-Encoding, body): 7bit when it is ASCII, 8bit UTF-8 when the server
+    takes 8BITMIME, quoted-printable otherwise. Lines are CRLF-terminated and under 998 octets, else QP."""
+    ascii_text = text.isascii()
+    if ascii_text or eight_bit:
+        body = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
         if max(map(len, body.split(b"\r\n"))) <= SAFE_LINE:
-            return b"7bit", body
+            return (b"7bit" if ascii_text else b"8bit"), body
     return b"quoted-printable", _qp(text)
 
 
@@ -119,7 +121,8 @@ class MessageTemplate:
     shared_headers: bytes
     boundary: str
 
-    def personalise(self, reader: Reader, *, message_id: str, extra_headers: Mapping[str, str] = {}) -> bytes:
+    def personalise(self, reader: Reader, *, message_id: str, extra_headers: Mapping[str, str] = {},
+                    eight_bit: bool = False) -> bytes:
         values = reader.fields()
         text, body, subject = self.text, self.html, self.subject
         for field, marker in self.markers.items():
@@ -130,7 +133,7 @@ class MessageTemplate:
             text = text.replace(marker, values[field])
             body = body.replace(marker, html.escape(values[field]))
         encoding, html_body = html_part(body)
-        text_encoding, text_body = text_part(text)
+        text_encoding, text_body = text_part(text, eight_bit=eight_bit)
         headers = [
             f"To: {format_address(reader.name, reader.email)}",
             f"Subject: {encode_header_value(' '.join(subject.split()))}",
@@ -188,8 +191,8 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
     shared.extend(f"{name}: {encode_header_value(value)}" for name, value in rendered.headers.items())
     return MessageTemplate(
         subject=rendered.subject,
-        text=rendered.text,
-        html=fold_html(rendered.html),
+        text=fold_lines(rendered.text, "\n"),
+        html=fold_lines(rendered.html, "\r\n"),
         markers=marks,
         shared_headers=("\r\n".join(shared) + "\r\n").encode("ascii"),
         boundary=boundary,

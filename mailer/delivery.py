@@ -19,12 +19,12 @@ from mailer import campaigns, heartbeat, policy, queue, store, tokens
 from mailer.compose import Reader, Variants
 from mailer.config import Settings, get_settings
 from mailer.db import session_scope
-from mailer.models import Campaign, CampaignStatus, DeliveryState, Status, Subscriber, utcnow
+from mailer.models import Campaign, CampaignStatus, DeliveryState, Status, utcnow
 from mailer.recorder import Outcome, Recorder
 from mailer.sender import Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
 from mailer.signing import sign
-from mailer.store import Claim
+from mailer.store import Claim, ReaderRow
 from mailer.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Job:
     claim: Claim
-    reader: Subscriber
+    reader: ReaderRow
 
 
 class FailureWindow:
@@ -84,18 +84,18 @@ class Batch:
         # Parsed once: MAILER_FROM's address is the envelope sender of every mail.
         self.sender = settings.from_address
 
-    def build(self, job: Job) -> tuple[bytes, str]:
+    def build(self, job: Job, *, eight_bit: bool) -> tuple[bytes, str]:
         links = tokens.urls(job.reader.id)
         mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
         reader = Reader(email=job.reader.email, name=job.reader.name, **links)
-        data = self.template.for_reader(reader).personalise(reader, message_id=mid)
+        data = self.template.for_reader(reader).personalise(reader, message_id=mid, eight_bit=eight_bit)
         return sign(data, self.settings), mid
 
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
         # The lanes share one iterator, so a slow connection takes fewer jobs.
         for job in jobs:
             await self.throttle.take(job.reader.email)
-            data, mid = self.build(job)
+            data, mid = self.build(job, eight_bit=await transport.eight_bit())
             envelope = Envelope(self.sender, job.reader.email, data)
             handover = functools.partial(self.recorder.handover, job.claim.delivery_id)
             result = await transport.send(envelope, before_data=handover)
@@ -140,7 +140,6 @@ def _claim(campaign_id: int, worker: str, settings: Settings,
         template = prepare(campaign) if prepare else None
         readers = store.readers(session, [claim.subscriber_id for claim in claims])
         suppressed = store.is_suppressed(session, [r.email_hash for r in readers.values() if r.email_hash])
-        session.expunge_all()
     jobs, skipped = [], []
     for claim in claims:
         reader = readers.get(claim.subscriber_id)
@@ -160,7 +159,7 @@ async def _run(campaign_id: int) -> bool:
     with session_scope() as session:
         store.sweep_stale_claims(session, worker_timeout=settings.worker_timeout,
                                  resend_unknown=settings.resend_unknown)
-    recorder = Recorder(worker)
+    recorder = Recorder(worker, domain=settings.list_domain)
     lanes = [transport_for(settings) for _ in range(settings.smtp_connections)]
     throttle = Throttle(rate=settings.smtp_rate, domain_rate=settings.domain_rate)
     window = FailureWindow(size=settings.pause_failure_window, threshold=settings.pause_failure_rate)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, exists, select, update
+from sqlalchemy import Connection, String, Table, bindparam, cast, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from mailer import store, subscriptions
@@ -79,6 +79,16 @@ _FIRST_FAILURE = (
     .values(first_failed_at=bindparam("now"))
 )
 
+# Most answers are 250s: one statement marks them all, instead of one row at a time.
+_SENT = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.c.claimed_by == bindparam("worker"))
+    .values(state=DeliveryState.sent.value, sent_at=bindparam("now"), smtp_code=250, smtp_text=None,
+            next_attempt_at=None, claimed_by=None,
+            message_id=literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
+            + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
+)
+
 _RESULT = (
     update(_DELIVERIES)
     .where(_DELIVERIES.c.id == bindparam("b_id"), _DELIVERIES.c.claimed_by == bindparam("b_worker"))
@@ -95,8 +105,10 @@ _RESULT = (
 
 
 class Recorder:
-    def __init__(self, worker: str) -> None:
+    def __init__(self, worker: str, *, domain: str) -> None:
         self.worker = worker
+        # Message-IDs are <c{campaign}.d{delivery}@domain> (delivery.message_id), written by SQL for 250s.
+        self.domain = domain
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="mailer-recorder", daemon=True)
@@ -177,6 +189,11 @@ class Recorder:
         connection = self._connection
         try:
             with connection.begin():
+                sent = [r.delivery_id for r in records if r.state is DeliveryState.sent]
+                if sent:
+                    connection.execute(_SENT, {"ids": sent, "worker": self.worker, "now": now,
+                                               "id_domain": f"@{self.domain}>"})
+                records = [r for r in records if r.state is not DeliveryState.sent]
                 if records:
                     connection.execute(_RESULT, [
                         {"b_id": r.delivery_id, "b_worker": self.worker, "b_state": r.state.value, "b_code": r.code,

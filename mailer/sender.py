@@ -75,6 +75,10 @@ BeforeData = Callable[[], Awaitable[bool]]
 class Transport(Protocol):
     async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result: ...
 
+    async def eight_bit(self) -> bool:
+        """Whether 8bit message bodies may be sent (RFC 6152 8BITMIME)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -92,6 +96,9 @@ class OutboxTransport:
             self._box = mailbox.Maildir(self.directory, create=True)
         self._box.add(b"Return-Path: <" + envelope.sender.encode() + b">\r\n" + envelope.data)
         return Result(Outcome.sent, 250, "stored in outbox")
+
+    async def eight_bit(self) -> bool:
+        return True
 
     async def close(self) -> None:
         return None
@@ -168,6 +175,13 @@ class SmtpTransport:
             return client
         raise ConnectionError(f"no SMTP server answered: {last_error}")
 
+    async def eight_bit(self) -> bool:
+        try:
+            client = await self._connect()
+        except OSError:
+            return False  # send() will report the connection problem for the message itself.
+        return bool(client.supports_extension("8bitmime"))
+
     def _drop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -186,11 +200,13 @@ class SmtpTransport:
         """MAIL FROM and RCPT TO; a Result when the server refused, None when it accepted both."""
         client = await self._connect()
         utf8 = not (envelope.sender + envelope.recipient).isascii()
+        mail_options = [b"SMTPUTF8"] if utf8 else []
+        if client.supports_extension("8bitmime"):
+            mail_options.append(b"BODY=8BITMIME")
         # execute_command skips aiosmtplib's address re-parsing, which costs more than the round trip;
         # the addresses were validated when they were stored.
         try:
-            for verb, argument, extra in ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">",
-                                           [b"SMTPUTF8"] if utf8 else []),
+            for verb, argument, extra in ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", mail_options),
                                           (b"RCPT", b"TO:<" + envelope.recipient.encode() + b">", [])):
                 response = await client.execute_command(verb, argument, *extra)
                 if response.code != 250 and not (verb == b"RCPT" and response.code == 251):

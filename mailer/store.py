@@ -243,9 +243,23 @@ def being_sent(session: Session, campaign_id: int) -> bool:
     ))) or False
 
 
-def readers(session: Session, subscriber_ids: Sequence[int]) -> dict[int, Subscriber]:
-    rows = session.scalars(select(Subscriber).where(Subscriber.id.in_(list(subscriber_ids))))
-    return {row.id: row for row in rows}
+@dataclass(frozen=True, slots=True)
+class ReaderRow:
+    """What the sending loop needs of a subscriber, without ORM objects on the hot path."""
+
+    id: int
+    email: str
+    name: str
+    status: Status
+    email_hash: str | None
+
+
+def readers(session: Session, subscriber_ids: Sequence[int]) -> dict[int, ReaderRow]:
+    rows = session.execute(
+        select(Subscriber.id, Subscriber.email, Subscriber.name, Subscriber.status, Subscriber.email_hash)
+        .where(Subscriber.id.in_(list(subscriber_ids)))
+    )
+    return {row[0]: ReaderRow(*row) for row in rows}
 
 
 def is_suppressed(session: Session, email_hashes: Iterable[str]) -> set[str]:

@@ -54,6 +54,7 @@ def test_every_reader_gets_one_personal_mail(admin: TestClient, smtp: SmtpSink) 
     assert (done["total"], done["counts"]["sent"]) == (31, 31)
     mails = smtp.wait_for(31)
     assert Counter(m.recipients[0] for m in mails).most_common(1)[0][1] == 1
+    rows = deliveries(campaign_id)
     for mail in mails:
         reader = subscriber_row(mail.recipients[0])
         unsubscribe = f"https://news.example.org/unsubscribe/{tokens.unsubscribe_token(reader.id)}"
@@ -63,6 +64,8 @@ def test_every_reader_gets_one_personal_mail(admin: TestClient, smtp: SmtpSink) 
         assert str(message["List-Unsubscribe"]).startswith(f"<{unsubscribe}>")
         assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert message["Message-ID"].startswith(f"<c{campaign_id}.d")
+        assert rows[reader.email_key].message_id == message["Message-ID"]
+        assert rows[reader.email_key].sent_at is not None
         html, text = mail.part("html"), mail.part("plain")
         assert unsubscribe in html
         assert unsubscribe in text
