@@ -172,7 +172,8 @@ def end_to_end(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
     for process in processes:
         process.wait(timeout=30)
     sent = progress.counts["sent"]
-    assert progress.status == "finished" and sent == readers, progress
+    if progress.status != "finished" or sent != readers:
+        raise SystemExit(f"the campaign did not finish cleanly: {progress}")
     return {"rate": sent / elapsed, "cpu_per_msg_ms": (sum(s[0] for s in stats) - cpu_before) / sent * 1000,
             "peak_rss_mb": max(s[1] for s in stats) / 1024, "seconds": elapsed}
 

@@ -243,6 +243,9 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
+    from mailer import notices
+
+    notices.requeue_stale()
     if swept or started or kicked:
         log.info("tick: %d claims handed back, started %s, restarted %s", swept, started, kicked)
     return {"swept": swept, "started": len(started), "kicked": len(kicked)}

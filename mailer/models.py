@@ -164,6 +164,7 @@ class Notice(Base):
     state: Mapped[NoticeState] = mapped_column(_enum(NoticeState, "notice_state"), default=NoticeState.pending)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     message_id: Mapped[str | None] = mapped_column(String(255))
     error: Mapped[str | None] = mapped_column(Text)
 

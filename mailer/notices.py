@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
-from mailer import render, store, tokens
+from mailer import queue, render, store, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import MailerError
@@ -35,6 +36,8 @@ def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
         **tokens.urls(subscriber.id),
     }
     if kind is NoticeKind.confirm:
+        # Whoever signed the address up typed the name: a stranger's words never go into this mail.
+        context["name"] = ""
         assert subscriber.confirm_nonce is not None
         token = tokens.confirm_token(subscriber.id, subscriber.confirm_nonce)
         context["confirm_url"] = f"{settings.base_url}/confirm/{token}"
@@ -54,10 +57,36 @@ def _still_wanted(notice: Notice, subscriber: Subscriber | None) -> bool:
 
 def send_notice(notice_id: int) -> str:
     """Send one notice; returns its final state. Raises TemporaryFailure when it should be retried."""
-    settings = get_settings()
     with session_scope() as session:
         if not store.claim_notice(session, notice_id):
             return "already-claimed"
+    try:
+        return _send_claimed(notice_id)
+    except TemporaryFailure:
+        raise
+    except Exception as error:
+        # A bug or bad data must not leave the notice claimed for ever: record it and move on.
+        log.exception("notice %s failed", notice_id)
+        with session_scope() as session:
+            store.finish_notice(session, notice_id, NoticeState.failed, error=f"{type(error).__name__}: {error}")
+        return NoticeState.failed.value
+
+
+def requeue_stale(*, older_than: timedelta = timedelta(minutes=5)) -> int:
+    """Notices whose task was lost (broker down, worker killed) are queued again; claims make it safe."""
+    with session_scope() as session:
+        ids = store.stale_notices(session, older_than=older_than)
+    for notice_id in ids:
+        try:
+            queue.dispatch("send_notice", notice_id)
+        except Exception:
+            log.exception("could not queue notice %s", notice_id)
+            break
+    return len(ids)
+
+
+def _send_claimed(notice_id: int) -> str:
+    settings = get_settings()
     with session_scope() as session:
         notice = session.get(Notice, notice_id)
         assert notice is not None

@@ -55,7 +55,11 @@ def dispatch(name: str, *ids: int) -> None:
     if broker_url:
         from mailer.celery_app import client_for
 
-        client_for(broker_url).send_task(f"mailer.{name}", args=list(ids))
+        try:
+            client_for(broker_url).send_task(f"mailer.{name}", args=list(ids))
+        except Exception:
+            # The rows are committed; the periodic tick queues their work again once the broker is back.
+            log.exception("could not queue %s%s; the tick will retry", name, ids)
         return
     global _executor
     with _lock:

@@ -157,8 +157,9 @@ class SmtpTransport:
                 hostname=server.hostname,
                 port=server.port,
                 use_tls=server.implicit_tls,
-                # None: upgrade with STARTTLS when the server offers it.
-                start_tls=None if not server.implicit_tls else False,
+                # None: upgrade with STARTTLS when the server offers it. With a password, TLS is required:
+                # a server that stops offering STARTTLS must not get the password in clear.
+                start_tls=False if server.implicit_tls else (True if server.username else None),
                 username=server.username,
                 password=server.password,
                 timeout=self.timeout,

@@ -88,9 +88,19 @@ def claim_notice(session: Session, notice_id: int) -> bool:
     result = session.execute(
         update(Notice)
         .where(Notice.id == notice_id, Notice.state == NoticeState.pending)
-        .values(state=NoticeState.sending)
+        .values(state=NoticeState.sending, claimed_at=utcnow())
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def stale_notices(session: Session, *, older_than: timedelta) -> list[int]:
+    """Notices still pending long after they were made, or claimed by a sender that never finished.
+    Claimed ones go back to pending first."""
+    before = utcnow() - older_than
+    session.execute(update(Notice).where(Notice.state == NoticeState.sending, Notice.claimed_at < before)
+                    .values(state=NoticeState.pending))
+    return list(session.scalars(select(Notice.id).where(Notice.state == NoticeState.pending,
+                                                        Notice.created_at < before).order_by(Notice.id).limit(1000)))
 
 
 def finish_notice(

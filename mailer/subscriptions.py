@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from mailer import store, tokens
 from mailer.config import get_settings
 from mailer.errors import InvalidEmail, InvalidInput, NotFound, UsedToken
-from mailer.models import ConsentEvent, Frequency, Notice, NoticeKind, Status, Subscriber, utcnow
+from mailer.models import Category, ConsentEvent, Frequency, Notice, NoticeKind, Status, Subscriber, utcnow
 
 NAME_MAX = 200
 
@@ -54,10 +54,14 @@ def normalize_email(raw: str) -> tuple[str, str]:
     if len(raw) > 320 or any(unicodedata.category(ch) == "Cc" for ch in raw):
         raise InvalidEmail("That email address is not valid.")
     try:
-        result = validate_email(raw, check_deliverability=get_settings().check_deliverability)
+        # Internationalised local parts need SMTPUTF8 end to end, which many servers lack: refuse them
+        # clearly rather than accept an address we cannot mail. Unicode domains are kept as IDNA (ASCII).
+        result = validate_email(raw, check_deliverability=get_settings().check_deliverability,
+                                allow_smtputf8=False)
     except EmailNotValidError as error:
         raise InvalidEmail(f"That email address is not valid: {error}") from None
-    return result.normalized, result.normalized.lower()
+    address = result.ascii_email or result.normalized
+    return address, address.lower()
 
 
 def hash_email(email_key: str) -> str:
@@ -87,14 +91,18 @@ def _record(session: Session, subscriber: Subscriber | None, action: str, origin
     )
 
 
-def _apply_choices(session: Session, subscriber: Subscriber, choices: Choices) -> None:
-    subscriber.name = clean_name(choices.name)
-    subscriber.frequency = Frequency(choices.frequency)
+def _categories(session: Session, choices: Choices) -> list[Category]:
     found = store.categories_by_slug(session, choices.categories)
     unknown = sorted(set(choices.categories) - {c.slug for c in found})
     if unknown:
         raise InvalidInput("categories", f"Unknown category: {', '.join(unknown)}.")
-    subscriber.categories = found
+    return found
+
+
+def _apply_choices(session: Session, subscriber: Subscriber, choices: Choices) -> None:
+    subscriber.name = clean_name(choices.name)
+    subscriber.frequency = Frequency(choices.frequency)
+    subscriber.categories = _categories(session, choices)
 
 
 def _queue_confirmation(session: Session, subscriber: Subscriber) -> Notice | None:
@@ -118,6 +126,8 @@ def _queue_confirmation(session: Session, subscriber: Subscriber) -> Notice | No
 def subscribe(session: Session, *, email: str, choices: Choices, origin: Origin) -> Notice | None:
     """Sign an address up for double opt-in; returns the confirmation notice to send, if any."""
     address, key = normalize_email(email)
+    # Every input is checked before the address is looked up: an error must never depend on who is subscribed.
+    _categories(session, choices)
     subscriber = store.subscriber_by_email(session, key, for_update=True)
     if subscriber is None:
         subscriber = Subscriber(email=address, email_key=key, email_hash=hash_email(key), status=Status.pending)

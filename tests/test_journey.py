@@ -134,3 +134,33 @@ def test_preferences_change_with_csrf_token_only(client: TestClient, smtp: SmtpS
     assert unknown.status_code == 422
     assert "Unknown category: nope" in unknown.text
     assert consent_actions("prefs@example.org")[-1] == "preferences"
+
+
+def test_lost_confirmation_is_sent_by_the_tick(client: TestClient, smtp: SmtpSink, env) -> None:  # type: ignore[no-untyped-def]
+    """With the broker down the sign-up still answers; the notice waits and the tick sends it later.
+    A notice claimed by a sender that died is handed back and sent too."""
+    from sqlalchemy import select, update
+
+    from mailer import campaigns, queue
+    from mailer.db import session_scope
+    from mailer.models import Notice, NoticeState
+
+    env(broker_url="redis://127.0.0.1:1/0")
+    assert sign_up(client, "lost@example.org").status_code == 200
+    assert smtp.messages == []
+    env(broker_url="")
+    backdate_notices("lost@example.org", minutes=6)
+    campaigns.tick()
+    queue.drain()
+    assert len(smtp.wait_for(1)) == 1
+
+    sign_up(client, "claimed@example.org")
+    smtp.wait_for(2)
+    backdate_notices("claimed@example.org", minutes=6)
+    with session_scope() as session:
+        notice_id = session.scalars(select(Notice.id).order_by(Notice.id.desc())).first()
+        session.execute(update(Notice).where(Notice.id == notice_id)
+                        .values(state=NoticeState.sending, claimed_at=Notice.created_at))
+    campaigns.tick()
+    queue.drain()
+    assert len(smtp.to("claimed@example.org")) == 2

@@ -31,6 +31,8 @@ def subscriber_count() -> int:
         ("user@-example.org", "not valid"),
         ("a\r\nbcc@example.org", "not valid"),
         ("x" * 330 + "@example.org", "not valid"),
+        ("jörg@example.org", "Internationalized characters before the @-sign are not supported"),
+        ("nul\x00@example.org", "not valid"),
     ],
 )
 def test_invalid_emails_get_a_clear_message_and_store_nothing(client: TestClient, smtp: SmtpSink, email: str,
@@ -51,7 +53,12 @@ def test_invalid_emails_get_a_clear_message_and_store_nothing(client: TestClient
 def test_other_bad_fields_are_named(client: TestClient) -> None:
     """A bad frequency, an unknown category or a wrongly typed JSON field gets a 4xx naming the field."""
     hourly = client.post("/subscribe", json={"email": "a@example.org", "frequency": "hourly"})
-    assert hourly.json()["field"] == "frequency"
+    assert (hourly.status_code, hourly.json()["field"]) == (422, "frequency")
+    for categories in (["a\u0000b"], ["x"] * 1000, ["UPPER"], [""]):
+        odd = client.post("/subscribe", json={"email": "a@example.org", "categories": categories})
+        assert (odd.status_code, odd.json()["field"]) == (422, "categories")
+    deep = client.post("/subscribe", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 422
     unknown = client.post("/subscribe", json={"email": "a@example.org", "categories": ["nope"]})
     assert (unknown.status_code, unknown.json()["field"]) == (422, "categories")
     assert client.post("/subscribe", json={"email": ["a@example.org"]}).status_code == 422
@@ -63,11 +70,29 @@ def test_other_bad_fields_are_named(client: TestClient) -> None:
 
 
 def test_email_is_normalised_and_unique_whatever_the_case(client: TestClient, smtp: SmtpSink) -> None:
-    """Two sign-ups that differ in letter case are one subscriber."""
+    """Two sign-ups that differ in letter case are one subscriber; a Unicode domain is kept as IDNA and mailed."""
     sign_up(client, "Case@Example.ORG")
     sign_up(client, "case@example.org")
     assert subscriber_count() == 1
     assert subscriber_row("CASE@example.org").email == "Case@example.org"
+    sign_up(client, "leser@bücher.example")
+    assert subscriber_row("leser@xn--bcher-kva.example") is not None
+    assert smtp.to("leser@xn--bcher-kva.example")
+
+
+def test_concurrent_sign_ups_of_one_address_make_one_row(client: TestClient, smtp: SmtpSink) -> None:
+    """Eight sign-ups of one new address at once: one subscriber, one confirmation mail, all answered 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mailer import queue
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda case: client.post("/subscribe", data={"email": case}),
+                                ["Race@example.org", "race@example.org", "RACE@example.org", "race@Example.org"] * 2))
+    queue.drain()
+    assert {a.status_code for a in answers} == {200}
+    assert subscriber_count() == 1
+    assert len(smtp.to("race@example.org")) == 1
 
 
 def test_answer_is_identical_for_new_pending_confirmed_and_unsubscribed(client: TestClient, smtp: SmtpSink) -> None:
@@ -86,6 +111,12 @@ def test_answer_is_identical_for_new_pending_confirmed_and_unsubscribed(client: 
         assert (response.status_code, response.text) == (reference.status_code, reference.text), state
     json_answers = {client.post("/subscribe", json={"email": e}).text for e in ("known@example.org", "x@example.org")}
     assert len(json_answers) == 1
+    # A bad field is reported the same way whoever the address belongs to.
+    confirmed = subscriber_row("known@example.org")
+    assert confirmed is not None
+    for email in ("known@example.org", "stranger@example.org"):
+        odd = client.post("/subscribe", json={"email": email, "categories": ["nope"]})
+        assert (odd.status_code, odd.json()["field"]) == (422, "categories"), email
 
 
 def test_confirmed_address_is_not_confirmed_again(client: TestClient, smtp: SmtpSink) -> None:
@@ -144,6 +175,27 @@ def test_forwarded_for_counts_only_behind_a_trusted_proxy(env: Callable[..., Non
         third = proxied.post("/subscribe", data={"email": "p13@example.org"},
                              headers={"X-Forwarded-For": "9.9.9.9, 198.51.100.1"})
         assert third.status_code == 429
+
+
+def test_ipv6_clients_share_a_budget_per_64(env: Callable[..., None]) -> None:
+    """Addresses in one IPv6 /64 count together, so rotating the host part does not help."""
+    env(signup_rate_limit="2/minute")
+    codes = []
+    for host in range(1, 4):
+        with TestClient(create_app(), client=(f"2001:db8:1:2::{host}", 4000)) as peer:
+            codes.append(peer.post("/subscribe", data={"email": f"v6-{host}@example.org"}).status_code)
+    assert codes == [200, 200, 429]
+    with TestClient(create_app(), client=("2001:db8:9:9::1", 4000)) as other:
+        assert other.post("/subscribe", data={"email": "v6-other@example.org"}).status_code == 200
+
+
+def test_garbage_forwarded_hops_are_not_trusted(env: Callable[..., None]) -> None:
+    """Behind a trusted proxy, a forwarded value that is not an IP address is never used as the client."""
+    env(signup_rate_limit="1/minute", trusted_proxies="10.0.0.0/8")
+    with TestClient(create_app(), client=("10.0.0.5", 4000)) as proxied:
+        first = proxied.post("/subscribe", data={"email": "g1@example.org"}, headers={"X-Forwarded-For": "x" * 80})
+        second = proxied.post("/subscribe", data={"email": "g2@example.org"}, headers={"X-Forwarded-For": "y" * 80})
+    assert (first.status_code, second.status_code) == (200, 429)
 
 
 def test_honeypot_drops_bots_silently(client: TestClient, smtp: SmtpSink) -> None:

@@ -120,14 +120,21 @@ def list_subscribers(
 @router.post("/subscribers", status_code=201)
 def add_subscriber(body: SubscriberIn, request: Request) -> SubscriberOut:
     origin = Origin(channel="admin-api", ip=client_ip(request), user_agent=request.headers.get("user-agent"))
-    with session_scope() as session:
-        subscriber, notice, _created = subscriptions.add_by_admin(
-            session, email=body.email,
-            choices=Choices(name=body.name, categories=tuple(body.categories), frequency=body.frequency),
-            confirmed=body.confirmed, source=body.source, welcome=body.send_welcome, origin=origin,
-        )
-        out = SubscriberOut.of(subscriber)
-        notice_id = notice.id if notice else None
+    for attempt in range(2):
+        try:
+            with session_scope() as session:
+                subscriber, notice, _created = subscriptions.add_by_admin(
+                    session, email=body.email,
+                    choices=Choices(name=body.name, categories=tuple(body.categories), frequency=body.frequency),
+                    confirmed=body.confirmed, source=body.source, welcome=body.send_welcome, origin=origin,
+                )
+                out = SubscriberOut.of(subscriber)
+                notice_id = notice.id if notice else None
+            break
+        except IntegrityError:
+            # Two adds of one new address raced; the second finds the row the first made.
+            if attempt:
+                raise HTTPException(409, "This address was added at the same moment; try again.") from None
     if notice_id is not None:
         queue.dispatch("send_notice", notice_id)
     return out

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from functools import lru_cache
 
 from fastapi import Request
 from limits import parse, storage, strategies
 
 from mailer.config import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _trusted(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
@@ -28,9 +31,20 @@ def client_ip(request: Request) -> str:
         return peer
     hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
     for hop in reversed(hops):
+        if not _is_ip(hop):
+            # A proxy we trust wrote garbage, or a client forged this part: stop at the last good hop.
+            break
         if not _trusted(hop, networks):
             return hop
-    return hops[0] if hops else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4)
@@ -48,6 +62,23 @@ def limiter_storage_url() -> str:
     return "memory://"
 
 
+def rate_key(ip: str) -> str:
+    """IPv6 clients are counted per /64: one subscriber line usually owns the whole /64."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def allow_signup(ip: str) -> bool:
-    """Count one sign-up attempt from an address; False once it is over the configured rate."""
-    return bool(_limiter(limiter_storage_url()).hit(parse(get_settings().signup_rate_limit), "signup", ip))
+    """Count one sign-up attempt from an address; False once it is over the configured rate.
+    If the limiter's store is down, sign-ups go on (logged): double opt-in still protects them."""
+    try:
+        return bool(_limiter(limiter_storage_url()).hit(parse(get_settings().signup_rate_limit), "signup",
+                                                        rate_key(ip)))
+    except Exception:
+        log.exception("the sign-up rate limiter is unavailable")
+        return True

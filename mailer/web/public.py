@@ -6,6 +6,7 @@ and HEAD, so a link opened by a machine changes nothing.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,6 +25,8 @@ from mailer.web.clients import allow_signup, client_ip
 router = APIRouter()
 templates = Jinja2Templates(directory=TEMPLATES_DIR / "web")
 GET_HEAD = ["GET", "HEAD"]
+MAX_CATEGORIES = 200
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 
 SIGNUP_DONE = (
     "Check your inbox",
@@ -62,7 +65,7 @@ async def read_choices(request: Request) -> dict[str, Any]:
     if wants_json(request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidInput("body", "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise InvalidInput("body", "The request body must be a JSON object.")
@@ -79,7 +82,7 @@ async def read_choices(request: Request) -> dict[str, Any]:
         if key != "categories" and value is not None and not isinstance(value, str):
             raise InvalidInput(key, f"The {key} must be text.")
     listed: list[Any] = fields["categories"]
-    if not all(isinstance(c, str) for c in listed):
+    if len(listed) > MAX_CATEGORIES or not all(isinstance(c, str) and SLUG.fullmatch(c) for c in listed):
         raise InvalidInput("categories", "Categories must be a list of category slugs.")
     return fields
 
@@ -188,10 +191,13 @@ def confirm_page(request: Request, token: str) -> Response:
         with session_scope() as session:
             subscriber = subscriptions.check_confirm_token(session, token)
             email = subscriber.email
+            chosen = ", ".join(c.name for c in subscriber.categories) or "every category"
+            what = f"You will get a {subscriber.frequency.value} digest of new articles in: {chosen}."
     except (BadToken, ExpiredToken, UsedToken, NotFound) as error:
         return _confirm_problem(request, token, error)
     return message(request, "Confirm your subscription",
-                   [f"Press the button to confirm that {email} wants to receive our newsletter."],
+                   [f"Press the button to confirm that {email} wants to receive our newsletter.", what,
+                    "You can change this at any time from the link in every mail."],
                    action=f"{get_settings().base_url}/confirm/{token}", action_label="Confirm my subscription")
 
 

@@ -78,6 +78,8 @@ def upgrade() -> None:
         batch_op.create_index('ix_deliveries_subscriber', ['subscriber_id'], unique=False)
 
     # ### end Alembic commands ###
+    with op.batch_alter_table('notices', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claimed_at', mailer.models.UTCDateTime(), nullable=True))
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('email_hash', sa.String(length=64), nullable=True))
         batch_op.create_index('ix_subscribers_email_hash', ['email_hash'], unique=False)
@@ -92,6 +94,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('notices', schema=None) as batch_op:
+        batch_op.drop_column('claimed_at')
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.drop_index('ix_subscribers_email_hash')
         batch_op.drop_column('email_hash')
