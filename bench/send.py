@@ -39,7 +39,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def article_html(count: int = 14) -> str:
+def article_html(count: int = 20) -> str:
     """About 20 KB of HTML: a petition and a list of articles, as a news site would send."""
     items = []
     for i in range(count):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import html
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -90,50 +91,114 @@ def fold_lines(content: str, linesep: str) -> str:
     return linesep.join(lines)
 
 
-def text_part(text: str, *, eight_bit: bool = False) -> tuple[bytes, bytes]:
+def _short_lines(body: bytes) -> bool:
+    return max(map(len, body.split(b"\r\n"))) <= SAFE_LINE
+
+
+def text_part(text: str, *, eight_bit: bool = False, short: bool | None = None) -> tuple[bytes, bytes]:
     """The text part as (Content-Transfer-Encoding, body): 7bit when it is ASCII, 8bit UTF-8 when the server
-    takes 8BITMIME, quoted-printable otherwise. Lines are CRLF-terminated and under 998 octets, else QP."""
+    takes 8BITMIME, quoted-printable otherwise. `text` ends lines with CRLF; a line near 998 octets means QP.
+    `short` says the lines are known to be short (see Pieces.short)."""
     ascii_text = text.isascii()
     if ascii_text or eight_bit:
-        body = text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
-        if max(map(len, body.split(b"\r\n"))) <= SAFE_LINE:
+        body = text.encode("utf-8")
+        if short or (short is None and _short_lines(body)):
             return (b"7bit" if ascii_text else b"8bit"), body
     return b"quoted-printable", _qp(text)
 
 
-def html_part(html: str) -> tuple[bytes, bytes]:
-    """The HTML part as (Content-Transfer-Encoding, body). Non-ASCII becomes character references, so the
-    part is 7bit and needs no encoding per reader; a rare over-long line falls back to quoted-printable."""
-    body = html.encode("ascii", "xmlcharrefreplace")
-    if max(map(len, body.split(b"\r\n"))) <= SAFE_LINE:
+def html_part(body: bytes, *, short: bool | None = None) -> tuple[bytes, bytes]:
+    """The HTML part as (Content-Transfer-Encoding, body). Non-ASCII was turned into character references,
+    so the part is 7bit and needs no encoding per reader; a rare over-long line falls back to quoted-printable."""
+    if short or (short is None and _short_lines(body)):
         return b"7bit", body
-    return b"quoted-printable", _qp(html)
+    return b"quoted-printable", _qp(body.decode("ascii"))
+
+
+def _line_budget(content: str, marks: Mapping[str, str], encode: Callable[[str], bytes]) -> tuple[int, int]:
+    """(longest line without its markers, most markers on one line), in encoded octets: with them, a
+    reader's values of at most V octets give lines of at most `longest + most * V`, no scan needed."""
+    longest = most = 0
+    pattern = re.compile("|".join(map(re.escape, [m for m in marks.values() if m]))) if any(marks.values()) else None
+    for line in content.split("\r\n"):
+        found = len(pattern.findall(line)) if pattern else 0
+        bare = pattern.sub("", line) if pattern and found else line
+        longest, most = max(longest, len(encode(bare))), max(most, found)
+    return longest, most
+
+
+def _html_bytes(text: str) -> bytes:
+    return text.encode("ascii", "xmlcharrefreplace")
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Rendered content cut at the markers: static pieces with a field name between each two."""
+
+    static: tuple[str, ...]
+    fields: tuple[str, ...]
+
+    @classmethod
+    def cut(cls, content: str, marks: Mapping[str, str]) -> Pieces:
+        by_marker = {marker: field for field, marker in marks.items() if marker}
+        if not by_marker:
+            return cls((content,), ())
+        split = re.split("(" + "|".join(map(re.escape, by_marker)) + ")", content)
+        return cls(tuple(split[0::2]), tuple(by_marker[m] for m in split[1::2]))
+
+    def fill(self, values: Mapping[str, str]) -> str:
+        if not self.fields:
+            return self.static[0]
+        out = [self.static[0]]
+        for field, piece in zip(self.fields, self.static[1:], strict=True):
+            out.append(values[field])
+            out.append(piece)
+        return "".join(out)
+
+
+@dataclass(frozen=True)
+class HtmlPieces:
+    """Like Pieces, with the static HTML already encoded: per reader only the values are escaped and encoded."""
+
+    static: tuple[bytes, ...]
+    fields: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pieces: Pieces) -> HtmlPieces:
+        return cls(tuple(_html_bytes(piece) for piece in pieces.static), pieces.fields)
+
+    def fill(self, values: Mapping[str, str]) -> bytes:
+        out = [self.static[0]]
+        for field, piece in zip(self.fields, self.static[1:], strict=True):
+            out.append(_html_bytes(html.escape(values[field])))
+            out.append(piece)
+        return b"".join(out)
 
 
 @dataclass(frozen=True)
 class MessageTemplate:
-    """A rendered mail with markers where personal values go."""
+    """A rendered mail, cut at the markers where personal values go."""
 
-    subject: str
-    text: str
-    html: str
-    markers: Mapping[str, str]
+    subject: Pieces
+    text: Pieces
+    html: HtmlPieces
     shared_headers: bytes
     boundary: str
+    text_budget: tuple[int, int]
+    html_budget: tuple[int, int]
 
     def personalise(self, reader: Reader, *, message_id: str, extra_headers: Mapping[str, str] = {},
                     eight_bit: bool = False) -> bytes:
         values = reader.fields()
-        text, body, subject = self.text, self.html, self.subject
-        for field, marker in self.markers.items():
-            if not marker:
-                continue
-            if marker in subject:
-                subject = subject.replace(marker, values[field])
-            text = text.replace(marker, values[field])
-            body = body.replace(marker, html.escape(values[field]))
-        encoding, html_body = html_part(body)
-        text_encoding, text_body = text_part(text, eight_bit=eight_bit)
+        subject = self.subject.fill(values)
+        text = self.text.fill(values)
+        # The longest value as it lands in each part: UTF-8 in the text, escaped and 7bit in the HTML.
+        text_widest = max(len(value.encode("utf-8")) for value in values.values())
+        html_widest = max(len(_html_bytes(html.escape(value))) for value in values.values())
+        text_short = self.text_budget[0] + self.text_budget[1] * text_widest <= SAFE_LINE
+        html_short = self.html_budget[0] + self.html_budget[1] * html_widest <= SAFE_LINE
+        encoding, html_body = html_part(self.html.fill(values), short=html_short or None)
+        text_encoding, text_body = text_part(text, eight_bit=eight_bit, short=text_short or None)
         headers = [
             f"To: {format_address(reader.name, reader.email)}",
             f"Subject: {encode_header_value(' '.join(subject.split()))}",
@@ -189,11 +254,14 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
         f"List-Unsubscribe-Post: {ONE_CLICK}",
     ]
     shared.extend(f"{name}: {encode_header_value(value)}" for name, value in rendered.headers.items())
+    text = fold_lines(rendered.text, "\r\n")
+    body = fold_lines(rendered.html, "\r\n")
     return MessageTemplate(
-        subject=rendered.subject,
-        text=fold_lines(rendered.text, "\n"),
-        html=fold_lines(rendered.html, "\r\n"),
-        markers=marks,
+        subject=Pieces.cut(rendered.subject, marks),
+        text=Pieces.cut(text, marks),
+        html=HtmlPieces.of(Pieces.cut(body, marks)),
+        text_budget=_line_budget(text, marks, lambda line: line.encode("utf-8")),
+        html_budget=_line_budget(body, marks, _html_bytes),
         shared_headers=("\r\n".join(shared) + "\r\n").encode("ascii"),
         boundary=boundary,
     )
