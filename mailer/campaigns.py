@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -32,12 +33,19 @@ from mailer.signing import sign
 
 log = logging.getLogger(__name__)
 
+MAX_SUBJECT = 300
+MAX_RENDERED = 5_000_000
+MAX_ID = 2**63 - 1
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
+
 SAMPLE_READER = compose.Reader(email="reader@example.org", name="Sample Reader",
                                unsubscribe_url="https://example.org/unsubscribe/sample",
                                preferences_url="https://example.org/preferences/sample")
 
 
 def _get(session: Session, campaign_id: int) -> Campaign:
+    if not 0 < campaign_id <= MAX_ID:
+        raise NotFound(f"There is no campaign {campaign_id}.")
     campaign = session.get(Campaign, campaign_id)
     if campaign is None:
         raise NotFound(f"There is no campaign {campaign_id}.")
@@ -64,9 +72,16 @@ def create(session: Session, *, subject: str, html: str, text: str = "", categor
         raise InvalidInput("subject", "The subject is empty.")
     if any(ch in subject for ch in "\r\n"):
         raise InvalidInput("subject", "The subject must be one line.")
+    if len(subject) > MAX_SUBJECT:
+        raise InvalidInput("subject", f"Please keep the subject under {MAX_SUBJECT} characters.")
     if not html.strip():
         raise InvalidInput("html", "The HTML body is empty.")
+    for field, value in (("subject", subject), ("html", html), ("text", text)):
+        if any(ord(ch) < 32 and ch not in "\t\r\n" for ch in value):
+            raise InvalidInput(field, f"The {field} holds control characters (such as NUL); remove them.")
     wanted = list(dict.fromkeys(categories or []))
+    if not all(SLUG.fullmatch(slug) for slug in wanted):
+        raise InvalidInput("categories", "Categories must be category slugs, such as us-russia-relations.")
     known = {c.slug for c in store.categories_by_slug(session, wanted)}
     unknown = [slug for slug in wanted if slug not in known]
     if unknown:
@@ -74,7 +89,10 @@ def create(session: Session, *, subject: str, html: str, text: str = "", categor
     campaign = Campaign(kind=kind, subject=subject.strip(), html=html, text=text or "", categories=wanted,
                         status=CampaignStatus.draft, status_reason="", total=0)
     # Render with sample values and with markers: template errors show up now, not halfway through a send.
-    _rendered(campaign, SAMPLE_READER.fields())
+    sample = _rendered(campaign, SAMPLE_READER.fields())
+    if len(sample.html) + len(sample.text) > MAX_RENDERED:
+        raise InvalidInput("html", f"The rendered mail is larger than {MAX_RENDERED // 1_000_000} MB.")
+    compose.check_fields_untouched(lambda context: _rendered(campaign, context))
     variants = message_templates(campaign)
     for name in ("x", ""):
         variants.for_reader(compose.Reader(email="x@example.org", name=name, unsubscribe_url="u",
@@ -116,6 +134,12 @@ def start(session: Session, campaign_id: int) -> bool:
 def schedule(session: Session, campaign_id: int, at: datetime) -> None:
     if at.tzinfo is None:
         raise InvalidInput("at", "Give the time with a time zone, e.g. 2026-12-01T08:00:00+00:00.")
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput("at", "That time is out of range.") from None
+    if at.year > utcnow().year + 10:
+        raise InvalidInput("at", "That time is more than ten years away.")
     _transition(session, campaign_id, CampaignStatus.scheduled,
                 allowed={CampaignStatus.draft, CampaignStatus.scheduled}, scheduled_at=at)
     # Re-scheduling an already scheduled campaign moves its time.
@@ -138,13 +162,20 @@ def cancel(session: Session, campaign_id: int) -> bool:
     )
     if cancelled:
         # Mail being handed over right now finishes; nothing else goes out.
-        session.execute(
-            update(Delivery)
-            .where(Delivery.campaign_id == campaign_id,
-                   Delivery.state.in_([DeliveryState.pending, DeliveryState.deferred]))
-            .values(state=DeliveryState.skipped, smtp_text="campaign cancelled", next_attempt_at=None)
-        )
+        skip_unsent(session, campaign_id)
     return cancelled
+
+
+def skip_unsent(session: Session, campaign_id: int) -> None:
+    """A cancelled campaign's untried deliveries (including claims its loops hand back) become skipped."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.campaign_id == campaign_id,
+               Delivery.state.in_([DeliveryState.pending, DeliveryState.deferred]),
+               select(Campaign.status).where(Campaign.id == campaign_id).scalar_subquery()
+               == CampaignStatus.cancelled)
+        .values(state=DeliveryState.skipped, smtp_text="campaign cancelled", next_attempt_at=None)
+    )
 
 
 def finish_if_done(session: Session, campaign_id: int) -> bool:
@@ -237,7 +268,8 @@ def tick() -> dict[str, int]:
         for campaign_id in sending:
             if campaign_id in started:
                 continue
-            if store.has_claimable(session, campaign_id) and not store.being_sent(session, campaign_id):
+            if store.has_claimable(session, campaign_id) and not store.being_sent(
+                    session, campaign_id, worker_timeout=settings.worker_timeout):
                 kicked.append(campaign_id)
             else:
                 finish_if_done(session, campaign_id)

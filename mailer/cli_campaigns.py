@@ -101,13 +101,15 @@ def send(
             started = campaigns.start(session, campaign_id)
     except MailerError as error:
         raise _fail(error) from None
-    if started:
+    in_process = not get_settings().broker_url
+    # Without a broker, loops started here would die with this command: only --wait keeps them running.
+    if started and (wait or not in_process):
         campaigns.kick(campaign_id)
     if wait:
         _wait(campaign_id)
         return
     _print(_show(campaign_id))
-    if not get_settings().broker_url:
+    if in_process:
         console.print("No MAILER_BROKER_URL: a running `mailer serve` sends it, or use --wait to send from here.")
 
 

@@ -51,7 +51,8 @@ def encode_header_value(value: str) -> str:
     """A header value as ASCII: as-is when it is printable ASCII, else an RFC 2047 encoded word."""
     if value.isascii() and value.isprintable():
         return value
-    return Header(value, "utf-8", maxlinelen=998).encode(linesep="\r\n")
+    # Encoded words of at most 75 characters, folded onto continuation lines (RFC 2047).
+    return Header(value, "utf-8", header_name="Subject").encode(linesep="\r\n")
 
 
 def format_address(name: str, address: str) -> str:
@@ -218,6 +219,29 @@ class MessageTemplate:
             html_body,
             b"\r\n--", boundary, b"--\r\n",
         ))
+
+
+def check_fields_untouched(render: Callable[[dict[str, Any]], Rendered]) -> None:
+    """Render with two unrelated sets of markers (different letters and lengths): a template that only
+    prints or tests a reader's field gives the same output once the markers are blanked out. One that
+    slices, measures or filters a field (`name[:1]`, `name|length`, `name|truncate`) does not, and is
+    refused, because the reader's value could not be put in its place."""
+    first = markers()
+    second = {field: f"q{secrets.token_hex(9)}{field.replace('_', '')}q" for field in PERSONAL_FIELDS}
+    outputs = []
+    for marks in (first, second):
+        rendered = render(dict(marks))
+        blanked = []
+        for part in (rendered.subject, rendered.html, rendered.text):
+            for field, marker in marks.items():
+                part = part.replace(marker, f"\x00{field}\x00")
+            blanked.append(part)
+        outputs.append(blanked)
+    for name, one, two in zip(("subject", "html", "text"), outputs[0], outputs[1], strict=True):
+        if one != two:
+            raise InvalidInput(name, f"In the {name}, a reader's field ({', '.join(PERSONAL_FIELDS)}) can be "
+                                     "printed, as in {{ name }}, or tested, as in {% if name %}, but not cut, "
+                                     "measured or changed by a filter.")
 
 
 def check_markers(rendered: Rendered, marks: Mapping[str, str]) -> None:

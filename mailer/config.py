@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,13 @@ class Settings(BaseSettings):
                     raise ValueError(f"has {item!r}, which is not an IP address or network") from None
         return value
 
+    @model_validator(mode="after")
+    def _timeouts(self) -> Settings:
+        if self.worker_timeout < 3 * self.heartbeat_seconds:
+            raise ValueError("MAILER_WORKER_TIMEOUT must be at least three times MAILER_HEARTBEAT_SECONDS, "
+                             "or live workers would look dead")
+        return self
+
     @cached_property
     def from_address(self) -> str:
         from email.utils import parseaddr
@@ -224,9 +231,13 @@ def describe_error(error: ValidationError) -> str:
     """One sentence per bad setting, naming the environment variable."""
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
-        name = field if field.startswith("MAILER_") else f"MAILER_{field.upper().rstrip('_')}"
         message = str(item["msg"]).removeprefix("Value error, ")
+        if not item["loc"]:
+            # A check across settings names its variables in the message itself.
+            lines.append(f"{message}.")
+            continue
+        field = str(item["loc"][0])
+        name = field if field.startswith("MAILER_") else f"MAILER_{field.upper().rstrip('_')}"
         lines.append(f"{name} {message}.")
     return " ".join(lines)
 

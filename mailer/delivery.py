@@ -8,7 +8,6 @@ timeout. Running it twice, or on many machines at once, is safe: deliveries are 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from mailer.sender import Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
 from mailer.signing import sign
 from mailer.store import Claim, ReaderRow
-from mailer.throttle import Throttle
+from mailer.throttle import Throttle, connections, shared_throttle
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ class Batch:
         self.settings = settings
         # Parsed once: MAILER_FROM's address is the envelope sender of every mail.
         self.sender = settings.from_address
+        self.sender_refused: Result | None = None
+        self.held = False
 
     def build(self, job: Job, *, eight_bit: bool) -> tuple[bytes, str]:
         links = tokens.urls(job.reader.id)
@@ -94,11 +95,33 @@ class Batch:
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
         # The lanes share one iterator, so a slow connection takes fewer jobs.
         for job in jobs:
-            await self.throttle.take(job.reader.email)
-            data, mid = self.build(job, eight_bit=await transport.eight_bit())
-            envelope = Envelope(self.sender, job.reader.email, data)
-            handover = functools.partial(self.recorder.handover, job.claim.delivery_id)
-            result = await transport.send(envelope, before_data=handover)
+            if self.sender_refused is not None or self.held:
+                return  # The other jobs stay claimed and untried; the loop hands them back.
+            mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
+            try:
+                await self.throttle.take(job.reader.email)
+                data, mid = self.build(job, eight_bit=await transport.eight_bit())
+                envelope = Envelope(self.sender, job.reader.email, data)
+                verdict: list[str] = []
+
+                async def handover(delivery_id: int = job.claim.delivery_id, verdict: list[str] = verdict) -> bool:
+                    verdict.append(await self.recorder.handover(delivery_id))
+                    return verdict[-1] == "go"
+
+                result = await transport.send(envelope, before_data=handover)
+                if verdict == ["hold"]:
+                    # Paused or cancelled: this claim goes back untried, and the lane stops.
+                    self.held = True
+                    return
+            except Exception as error:
+                # One bad message (or a database hiccup at hand-over) must not stop the batch. If the
+                # hand-over was committed the mail may have gone; the record below says so.
+                log.exception("delivery %s failed before an SMTP answer", job.claim.delivery_id)
+                result = Result(SmtpOutcome.temporary, 0, f"{type(error).__name__}: {error}")
+            if result.sender_refused:
+                # Not this reader's failure: the claim goes back untried and the campaign pauses.
+                self.sender_refused = result
+                return
             self.window.add(result)
             decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,
                                      now=utcnow(), settings=self.settings)
@@ -155,13 +178,17 @@ def _claim(campaign_id: int, worker: str, settings: Settings,
 async def _run(campaign_id: int) -> bool:
     """Send until the campaign is done, paused, or this run's time is up; True when work remains."""
     settings = get_settings()
-    worker = heartbeat.worker_id()
     with session_scope() as session:
         store.sweep_stale_claims(session, worker_timeout=settings.worker_timeout,
                                  resend_unknown=settings.resend_unknown)
+    # Connections are shared by every loop of this process: the limit is per process, not per loop.
+    permits = connections.take(settings.smtp_connections)
+    if permits == 0:
+        return False  # Other loops in this process use every connection; they carry on with the work.
+    worker = heartbeat.register()
     recorder = Recorder(worker, domain=settings.list_domain)
-    lanes = [transport_for(settings) for _ in range(settings.smtp_connections)]
-    throttle = Throttle(rate=settings.smtp_rate, domain_rate=settings.domain_rate)
+    lanes = [transport_for(settings) for _ in range(permits)]
+    throttle = shared_throttle(settings)
     window = FailureWindow(size=settings.pause_failure_window, threshold=settings.pause_failure_rate)
     template: Variants | None = None
     deadline = time.monotonic() + settings.task_seconds
@@ -182,6 +209,14 @@ async def _run(campaign_id: int) -> bool:
             batch = Batch(campaign_id=campaign_id, template=template, recorder=recorder, throttle=throttle,
                           window=window, settings=settings)
             await batch.send(claimed.jobs, lanes)
+            if batch.sender_refused is not None:
+                refused = batch.sender_refused
+                reason = (f"Paused automatically: the SMTP server refused the sender {settings.from_address} "
+                          f"({refused.code} {refused.text}). Check MAILER_FROM and the server, then resume.")
+                log.warning("campaign %s: %s", campaign_id, reason)
+                with session_scope() as session:
+                    campaigns.pause(session, campaign_id, reason=reason)
+                break
             if window.tripped:
                 log.warning("campaign %s: %s", campaign_id, window.reason())
                 with session_scope() as session:
@@ -191,6 +226,11 @@ async def _run(campaign_id: int) -> bool:
         for transport in lanes:
             await transport.close()
         await asyncio.to_thread(recorder.close)
+        with session_scope() as session:
+            store.release_claims(session, worker)
+            campaigns.skip_unsent(session, campaign_id)
+        heartbeat.unregister(worker)
+        connections.give_back(permits)
     with session_scope() as session:
         campaigns.finish_if_done(session, campaign_id)
     return more

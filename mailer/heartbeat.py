@@ -1,7 +1,10 @@
-"""This process's identity as a sender, kept alive by a heartbeat thread.
+"""Claim tokens, kept alive by one heartbeat thread per process.
 
-Deliveries are claimed in a process's name. The sweeper hands claims back only when their
-process stopped beating, so a slow SMTP server never makes a live process look dead.
+Every batch loop claims deliveries under a token of its own (`<host>:<pid>:<nonce>`), registered
+here. A thread beats for all of this process's live tokens; the sweeper hands claims back only
+when their token stopped beating, so a slow SMTP server never makes a live loop look dead. And
+because hand-over and record both check the token, a loop whose claims were handed back can never
+send them: a second loop in the same process holds a different token.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import secrets
 import socket
 import threading
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from mailer.config import get_settings
 from mailer.db import session_scope
@@ -21,36 +24,47 @@ from mailer.models import WorkerBeat, utcnow
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_worker_id: str | None = None
-_pid: int | None = None
+_tokens: set[str] = set()
+_thread: tuple[int, threading.Thread] | None = None
 
 
-def beat(worker_id: str) -> None:
+def _beat(tokens: list[str]) -> None:
     with session_scope() as session:
-        changed = session.execute(update(WorkerBeat).where(WorkerBeat.id == worker_id).values(seen_at=utcnow()))
-        if not changed.rowcount:  # type: ignore[attr-defined]
-            session.add(WorkerBeat(id=worker_id, seen_at=utcnow()))
+        session.execute(update(WorkerBeat).where(WorkerBeat.id.in_(tokens)).values(seen_at=utcnow()))
 
 
-def _loop(worker_id: str, interval: float) -> None:
+def _loop() -> None:
+    interval = get_settings().heartbeat_seconds
     stop = threading.Event()
     while not stop.wait(interval):
+        with _lock:
+            tokens = list(_tokens)
+        if not tokens:
+            continue
         try:
-            beat(worker_id)
+            _beat(tokens)
         except Exception:
-            log.exception("heartbeat of %s failed", worker_id)
+            log.exception("heartbeat failed")
 
 
-def worker_id() -> str:
-    """This process's sender id; the first call records a beat and starts the heartbeat thread."""
-    global _worker_id, _pid
+def register() -> str:
+    """A fresh claim token, recorded as alive before any claim is made under it."""
+    global _thread
+    token = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+    with session_scope() as session:
+        session.add(WorkerBeat(id=token, seen_at=utcnow()))
     with _lock:
-        # A forked child (Celery prefork) must not share its parent's identity.
-        if _worker_id is None or _pid != os.getpid():
-            _worker_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
-            _pid = os.getpid()
-            beat(_worker_id)
-            thread = threading.Thread(target=_loop, args=(_worker_id, get_settings().heartbeat_seconds),
-                                      name="mailer-heartbeat", daemon=True)
+        _tokens.add(token)
+        # A forked child (Celery prefork) starts its own thread; the parent's did not survive the fork.
+        if _thread is None or _thread[0] != os.getpid() or not _thread[1].is_alive():
+            thread = threading.Thread(target=_loop, name="mailer-heartbeat", daemon=True)
             thread.start()
-        return _worker_id
+            _thread = (os.getpid(), thread)
+    return token
+
+
+def unregister(token: str) -> None:
+    with _lock:
+        _tokens.discard(token)
+    with session_scope() as session:
+        session.execute(delete(WorkerBeat).where(WorkerBeat.id == token))

@@ -24,7 +24,16 @@ from sqlalchemy.orm import Session
 
 from mailer import store, subscriptions
 from mailer.db import engine
-from mailer.models import Delivery, DeliveryState, Status, Subscriber, Suppression, utcnow
+from mailer.models import (
+    Campaign,
+    CampaignStatus,
+    Delivery,
+    DeliveryState,
+    Status,
+    Subscriber,
+    Suppression,
+    utcnow,
+)
 from mailer.subscriptions import Origin
 
 log = logging.getLogger(__name__)
@@ -54,13 +63,19 @@ class _Op:
 
 _STOP = _Op("stop")
 
+_DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+
+# Checked in the hand-over itself, just before DATA: the reader is still confirmed and not suppressed,
+# and the campaign is still sending (a pause or cancel stops mail that is not yet handed over).
+_CAMPAIGN_SENDING = exists().where(Campaign.id == Delivery.campaign_id, Campaign.status == CampaignStatus.sending)
 _ELIGIBLE = exists().where(
     Subscriber.id == Delivery.subscriber_id,
     Subscriber.status == Status.confirmed,
     ~exists().where(Suppression.email_hash == Subscriber.email_hash),
-)
+) & _CAMPAIGN_SENDING
 
-_DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+_HELD = select(_DELIVERIES.c.id).where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
+                                      ~_CAMPAIGN_SENDING)
 
 # Core statements built once: the recorder runs them thousands of times a second.
 _HANDOVER = (
@@ -123,9 +138,10 @@ class Recorder:
         self._queue.put(op)
         return op.future
 
-    async def handover(self, delivery_id: int) -> bool:
-        """Re-check the reader and mark the delivery handed over; False means do not send."""
-        return bool(await self._submit(_Op("handover", delivery_id)))
+    async def handover(self, delivery_id: int) -> str:
+        """Re-check and mark the delivery handed over. Answers "go"; "skip" when the reader left or was
+        suppressed; "hold" when the campaign was paused or cancelled (the claim is then handed back)."""
+        return str(await self._submit(_Op("handover", delivery_id)))
 
     def record(self, outcome: Outcome) -> asyncio.Future[Any]:
         return self._submit(_Op("record", outcome.delivery_id, outcome))
@@ -213,8 +229,11 @@ class Recorder:
                 if handovers:
                     ids = [op.delivery_id for op in handovers]
                     marked = set(connection.scalars(_HANDOVER, {"ids": ids, "worker": self.worker, "now": now}))
+                    refused = [i for i in ids if i not in marked]
+                    held = set(connection.scalars(_HELD, {"ids": refused})) if refused else set()
                     for op in handovers:
-                        answers[id(op)] = op.delivery_id in marked
+                        answers[id(op)] = ("go" if op.delivery_id in marked
+                                           else "hold" if op.delivery_id in held else "skip")
         except BaseException:
             # A broken connection is not reused; the next group opens a fresh one.
             connection.invalidate()

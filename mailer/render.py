@@ -88,6 +88,10 @@ def render_admin_template(field: str, source: str, context: dict[str, Any], *, h
         line = getattr(error, "lineno", None)
         where = f" (line {line})" if line else ""
         raise InvalidInput(field, f"The {field} template has an error{where}: {error.message or error}") from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, MemoryError) as error:
+        # Expressions in an admin's template can fail like any Python expression ({{ 1/0 }}).
+        raise InvalidInput(field, f"The {field} template fails when rendered: {type(error).__name__}: {error}") \
+            from None
 
 
 def render_campaign(*, subject: str, html: str, text: str, context: dict[str, Any], layout: str = "broadcast"

@@ -54,6 +54,8 @@ class Result:
     outcome: Outcome
     code: int = 250
     text: str = ""
+    # The server refused our MAIL FROM: a problem of the sender or the server, never of this recipient.
+    sender_refused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -102,6 +104,10 @@ class OutboxTransport:
 
     async def close(self) -> None:
         return None
+
+
+class _NotHandedOver(Exception):
+    """The connection failed before any byte of the message was written."""
 
 
 def _classify(code: int, text: str) -> Result:
@@ -206,18 +212,19 @@ class SmtpTransport:
             mail_options.append(b"BODY=8BITMIME")
         # execute_command skips aiosmtplib's address re-parsing, which costs more than the round trip;
         # the addresses were validated when they were stored.
-        try:
-            for verb, argument, extra in ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", mail_options),
-                                          (b"RCPT", b"TO:<" + envelope.recipient.encode() + b">", [])):
-                response = await client.execute_command(verb, argument, *extra)
-                if response.code != 250 and not (verb == b"RCPT" and response.code == 251):
-                    raise aiosmtplib.SMTPResponseException(response.code, response.message)
-        except aiosmtplib.SMTPResponseException as error:
-            if error.code == 421:
+        for verb, argument, extra in ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", mail_options),
+                                      (b"RCPT", b"TO:<" + envelope.recipient.encode() + b">", [])):
+            response = await client.execute_command(verb, argument, *extra)
+            if response.code in (250, 251):
+                continue
+            if response.code == 421:
                 self._drop()
             else:
                 await self._reset()
-            return _classify(error.code, error.message)
+            if verb == b"MAIL":
+                # Whatever the code, a refused sender says nothing about the recipient: retry later.
+                return Result(Outcome.temporary, response.code, response.message, sender_refused=True)
+            return _classify(response.code, response.message)
         return None
 
     async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result:
@@ -242,6 +249,9 @@ class SmtpTransport:
         assert client is not None
         try:
             response = await self._data(client, envelope.data)
+        except _NotHandedOver as error:
+            self._drop()
+            return Result(Outcome.temporary, 0, f"connection lost at DATA, before the message: {error}")
         except aiosmtplib.SMTPResponseException as error:
             # The server answered: it either refused the DATA command or the message after the dot.
             if error.code == 421:
@@ -257,13 +267,17 @@ class SmtpTransport:
 
     async def _data(self, client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
         """DATA with the message as we built it. Our messages already end lines with CRLF, so dot-stuffing
-        is one bytes.replace; aiosmtplib's own `data()` runs two regexes over every message instead."""
-        start = await client.execute_command(b"DATA")
+        is one bytes.replace; aiosmtplib's own `data()` runs two regexes over every message instead.
+        A failure before the message bytes are written raises _NotHandedOver: the server cannot have it."""
+        try:
+            start = await client.execute_command(b"DATA")
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as error:
+            raise _NotHandedOver(str(error)) from error
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol = client.protocol
         if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            raise _NotHandedOver("connection lost before the message was sent")
         body = data.replace(b"\r\n.", b"\r\n..")
         if body.startswith(b"."):
             body = b"." + body

@@ -246,11 +246,28 @@ def has_open_work(session: Session, campaign_id: int) -> bool:
     ) or False
 
 
-def being_sent(session: Session, campaign_id: int) -> bool:
-    """Whether some worker holds claims on this campaign right now."""
+def being_sent(session: Session, campaign_id: int, *, worker_timeout: float) -> bool:
+    """Whether a live loop holds claims on this campaign right now."""
+    alive = select(WorkerBeat.id).where(WorkerBeat.seen_at >= utcnow() - timedelta(seconds=worker_timeout))
     return session.scalar(select(exists().where(
-        Delivery.campaign_id == campaign_id, Delivery.state == DeliveryState.sending,
+        Delivery.campaign_id == campaign_id, Delivery.state == DeliveryState.sending, Delivery.claimed_by.in_(alive),
     ))) or False
+
+
+def release_claims(session: Session, token: str) -> int:
+    """A loop that stops hands back what it claimed and did not try; anything handed over but not
+    recorded (an error between DATA and the record) may have gone, so it is `unknown`."""
+    never_tried = session.execute(
+        update(Delivery).where(Delivery.state == DeliveryState.sending, Delivery.claimed_by == token,
+                               Delivery.handed_over_at.is_(None))
+        .values(state=DeliveryState.pending, claimed_by=None, attempts=Delivery.attempts - 1)
+    ).rowcount  # type: ignore[attr-defined]
+    session.execute(
+        update(Delivery).where(Delivery.state == DeliveryState.sending, Delivery.claimed_by == token)
+        .values(state=DeliveryState.unknown, claimed_by=None,
+                smtp_text="the sending loop stopped after handing the message over; the server may have it")
+    )
+    return int(never_tried)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,15 @@
-"""Per-process rate limits: messages per second per SMTP server, and per recipient domain."""
+"""Per-process limits shared by every sending loop of the process: messages per second, per recipient
+domain, and SMTP connections in flight. Loops may run in different threads and event loops, so the
+state is guarded by a thread lock and waiting is done with asyncio.sleep outside it."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from functools import lru_cache
+
+from mailer.config import Settings
 
 
 class Bucket:
@@ -14,18 +20,21 @@ class Bucket:
         self.capacity = burst if burst is not None else max(1.0, rate)
         self.tokens = self.capacity
         self.updated = time.monotonic()
+        self.lock = threading.Lock()
 
     async def take(self) -> None:
         if self.rate <= 0:
             return
         while True:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return
-            await asyncio.sleep((1 - self.tokens) / self.rate)
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                wait = (1 - self.tokens) / self.rate
+            await asyncio.sleep(wait)
 
 
 class Throttle:
@@ -39,6 +48,37 @@ class Throttle:
             domain = recipient.rpartition("@")[2].lower()
             bucket = self.domains.get(domain)
             if bucket is None:
-                bucket = self.domains[domain] = Bucket(self.domain_rate)
+                bucket = self.domains.setdefault(domain, Bucket(self.domain_rate))
             await bucket.take()
         await self.server.take()
+
+
+@lru_cache(maxsize=8)
+def _throttle(smtp_url: str, rate: float, domain_rate: float) -> Throttle:
+    return Throttle(rate=rate, domain_rate=domain_rate)
+
+
+def shared_throttle(settings: Settings) -> Throttle:
+    """The process's one throttle for its SMTP servers and settings."""
+    return _throttle(settings.smtp_url, settings.smtp_rate, settings.domain_rate)
+
+
+class Permits:
+    """SMTP connections in flight in this process, shared by its sending loops."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.used = 0
+
+    def take(self, limit: int) -> int:
+        with self.lock:
+            granted = max(0, limit - self.used)
+            self.used += granted
+            return granted
+
+    def give_back(self, count: int) -> None:
+        with self.lock:
+            self.used = max(0, self.used - count)
+
+
+connections = Permits()

@@ -46,7 +46,11 @@ class FaultySmtp:
     received: list[Received] = field(default_factory=list)
     attempts: Counter[str] = field(default_factory=Counter)
     connections: int = 0
+    sender_reply: str = ""
+    # Commands a client sent on a session after the server answered 421 there (must stay empty).
+    after_421: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _closing: set[int] = field(default_factory=set)
     _modes: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
 
     def mode(self, address: str, attempt: int) -> str:
@@ -67,13 +71,27 @@ class FaultySmtp:
         with self.lock:
             attempt = self.attempts[address.lower()]
             self.attempts[address.lower()] += 1
+        if id(session) in self._closing:
+            self.after_421.append(f"RCPT {address}")
         mode = self.mode(address, attempt)
         if mode in RCPT_REPLIES:
             if mode == "421":
-                asyncio.get_running_loop().call_later(0.01, server.transport.close)
+                # The server keeps the line open a moment: a client that reuses the session would show here.
+                self._closing.add(id(session))
+                asyncio.get_running_loop().call_later(0.5, server.transport.close)
             return RCPT_REPLIES[mode]
         self._modes[id(session)][address.lower()] = mode
         envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        if id(session) in self._closing:
+            self.after_421.append(f"MAIL {address}")
+        if self.sender_reply:
+            return self.sender_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

@@ -64,8 +64,9 @@ def test_each_failure_mode_ends_in_its_state(admin: TestClient, faulty: FaultySm
     # Exactly what the server took: one copy each, none for refusals, and no resend of the unknowns.
     for number, copies in enumerate([1, 0, 0, 1, 1, 1, 0, 1, 1, 1]):
         assert faulty.count(f"reader{number}@example.org") == copies, number
-    # A 421 is never followed by more commands on the same session.
-    assert faulty.connections >= 3
+    # A 421 is never followed by more commands on the same session: the client opened a new one.
+    assert faulty.after_421 == []
+    assert faulty.connections >= 4
 
 
 def test_temporary_failures_fail_after_the_deadline(admin: TestClient, env: Callable[..., None]) -> None:
@@ -115,5 +116,29 @@ def test_campaign_pauses_itself_when_too_many_fail(admin: TestClient, env: Calla
         assert paused["status_reason"].startswith("Paused automatically: 100% of the last")
         assert "550 5.7.1" in paused["status_reason"]
         assert paused["counts"]["pending"] > 100
+    finally:
+        controller.stop()
+
+
+def test_refused_sender_pauses_and_blames_nobody(admin: TestClient, env: Callable[..., None]) -> None:
+    """A 553 to MAIL FROM is the sender's problem: the campaign pauses with the reason, no reader is
+    failed, suppressed or marked bounced, and resuming after the fix sends to everyone."""
+    handler, controller = start_faulty(sender_reply="553 5.1.8 Sender address rejected: domain not found")
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}", batch_size="10")
+        make_readers(30)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        paused = wait_until(admin, campaign_id, statuses=("paused",))
+        assert "refused the sender newsletter@news.example.org (553 5.1.8" in paused["status_reason"]
+        assert paused["counts"]["failed"] == 0
+        for email, row in deliveries(campaign_id).items():
+            assert row.state.value in {"pending", "deferred"}, (email, row.state)
+            assert subscriber_row(email).status is Status.confirmed
+        handler.sender_reply = ""
+        env(retry_base_seconds="0.2")
+        admin.post(f"/api/campaigns/{campaign_id}/resume")
+        done = wait_until(admin, campaign_id)
+        assert done["counts"]["sent"] == 30
     finally:
         controller.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -15,12 +15,14 @@ from mailer.models import Campaign
 from mailer.subscriptions import normalize_email
 from mailer.web.api import require_admin
 
+CampaignId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The campaign's id.")]
+
 router = APIRouter(prefix="/api/campaigns", dependencies=[Depends(require_admin)], tags=["campaigns"])
 
 
 class CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subject: str = Field(min_length=1, max_length=998, description="A Jinja template; sees name, email, links.")
+    subject: str = Field(min_length=1, max_length=300, description="A Jinja template; sees name, email, links.")
     html: str = Field(min_length=1, description="A Jinja template, placed inside templates/email/broadcast/.")
     text: str = Field(default="", description="Optional; made from the HTML when empty.")
     categories: list[str] = Field(default=[], description="Category slugs; empty means everyone confirmed.")
@@ -80,12 +82,12 @@ def list_campaigns(limit: int = 50) -> list[CampaignOut]:
 
 
 @router.get("/{campaign_id}")
-def get(campaign_id: int) -> CampaignOut:
+def get(campaign_id: CampaignId) -> CampaignOut:
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/send", status_code=202)
-def send(campaign_id: int) -> CampaignOut:
+def send(campaign_id: CampaignId) -> CampaignOut:
     with session_scope() as session:
         started = campaigns.start(session, campaign_id)
     if started:
@@ -94,21 +96,21 @@ def send(campaign_id: int) -> CampaignOut:
 
 
 @router.post("/{campaign_id}/schedule")
-def schedule(campaign_id: int, body: ScheduleIn) -> CampaignOut:
+def schedule(campaign_id: CampaignId, body: ScheduleIn) -> CampaignOut:
     with session_scope() as session:
         campaigns.schedule(session, campaign_id, body.at)
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/pause")
-def pause(campaign_id: int) -> CampaignOut:
+def pause(campaign_id: CampaignId) -> CampaignOut:
     with session_scope() as session:
         campaigns.pause(session, campaign_id)
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/resume")
-def resume(campaign_id: int) -> CampaignOut:
+def resume(campaign_id: CampaignId) -> CampaignOut:
     with session_scope() as session:
         resumed = campaigns.resume(session, campaign_id)
     if resumed:
@@ -117,14 +119,14 @@ def resume(campaign_id: int) -> CampaignOut:
 
 
 @router.post("/{campaign_id}/cancel")
-def cancel(campaign_id: int) -> CampaignOut:
+def cancel(campaign_id: CampaignId) -> CampaignOut:
     with session_scope() as session:
         campaigns.cancel(session, campaign_id)
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/test")
-async def test(campaign_id: int, body: TestIn, response: Response) -> list[TestResult]:
+async def test(campaign_id: CampaignId, body: TestIn, response: Response) -> list[TestResult]:
     emails = [normalize_email(email)[0] for email in body.emails]
     results = await campaigns.send_test(campaign_id, emails)
     if not all(result.ok for result in results.values()):
