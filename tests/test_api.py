@@ -97,3 +97,11 @@ def test_api_rejects_bad_input_with_sentences(admin: TestClient) -> None:
 def test_healthz(client: TestClient) -> None:
     """The health check reaches the database."""
     assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_openapi_documents_the_api(client: TestClient) -> None:
+    """The OpenAPI schema builds, and lists the campaign routes with their response fields."""
+    schema = client.get("/openapi.json").json()
+    assert "/api/campaigns/{campaign_id}/send" in schema["paths"]
+    assert "counts" in schema["components"]["schemas"]["Progress"]["properties"]
+    assert client.get("/docs").status_code == 200

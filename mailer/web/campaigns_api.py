@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from mailer import campaigns
+from mailer.campaigns import Progress
 from mailer.db import session_scope
 from mailer.models import Campaign
 from mailer.subscriptions import normalize_email
@@ -28,21 +29,6 @@ class CampaignIn(BaseModel):
     categories: list[str] = Field(default=[], description="Category slugs; empty means everyone confirmed.")
 
 
-class CampaignOut(BaseModel):
-    id: int
-    kind: str
-    subject: str
-    status: str
-    status_reason: str
-    categories: list[str]
-    total: int
-    counts: dict[str, int]
-    created_at: datetime
-    scheduled_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
 class ScheduleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     at: datetime
@@ -59,14 +45,13 @@ class TestResult(BaseModel):
     reply: str
 
 
-def _out(campaign_id: int) -> CampaignOut:
+def _out(campaign_id: int) -> Progress:
     with session_scope() as session:
-        progress = campaigns.progress(session, campaign_id)
-    return CampaignOut(**{name: getattr(progress, name) for name in CampaignOut.model_fields})
+        return campaigns.progress(session, campaign_id)
 
 
 @router.post("", status_code=201)
-def create(body: CampaignIn) -> CampaignOut:
+def create(body: CampaignIn) -> Progress:
     with session_scope() as session:
         campaign = campaigns.create(session, subject=body.subject, html=body.html, text=body.text,
                                     categories=body.categories)
@@ -75,19 +60,19 @@ def create(body: CampaignIn) -> CampaignOut:
 
 
 @router.get("")
-def list_campaigns(limit: int = 50) -> list[CampaignOut]:
+def list_campaigns(limit: int = 50) -> list[Progress]:
     with session_scope() as session:
         ids = session.scalars(select(Campaign.id).order_by(Campaign.id.desc()).limit(max(1, min(limit, 500)))).all()
     return [_out(campaign_id) for campaign_id in ids]
 
 
 @router.get("/{campaign_id}")
-def get(campaign_id: CampaignId) -> CampaignOut:
+def get(campaign_id: CampaignId) -> Progress:
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/send", status_code=202)
-def send(campaign_id: CampaignId) -> CampaignOut:
+def send(campaign_id: CampaignId) -> Progress:
     with session_scope() as session:
         started = campaigns.start(session, campaign_id)
     if started:
@@ -96,21 +81,21 @@ def send(campaign_id: CampaignId) -> CampaignOut:
 
 
 @router.post("/{campaign_id}/schedule")
-def schedule(campaign_id: CampaignId, body: ScheduleIn) -> CampaignOut:
+def schedule(campaign_id: CampaignId, body: ScheduleIn) -> Progress:
     with session_scope() as session:
         campaigns.schedule(session, campaign_id, body.at)
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/pause")
-def pause(campaign_id: CampaignId) -> CampaignOut:
+def pause(campaign_id: CampaignId) -> Progress:
     with session_scope() as session:
         campaigns.pause(session, campaign_id)
     return _out(campaign_id)
 
 
 @router.post("/{campaign_id}/resume")
-def resume(campaign_id: CampaignId) -> CampaignOut:
+def resume(campaign_id: CampaignId) -> Progress:
     with session_scope() as session:
         resumed = campaigns.resume(session, campaign_id)
     if resumed:
@@ -119,7 +104,7 @@ def resume(campaign_id: CampaignId) -> CampaignOut:
 
 
 @router.post("/{campaign_id}/cancel")
-def cancel(campaign_id: CampaignId) -> CampaignOut:
+def cancel(campaign_id: CampaignId) -> Progress:
     with session_scope() as session:
         campaigns.cancel(session, campaign_id)
     return _out(campaign_id)
