@@ -108,7 +108,7 @@ def form_page(request: Request, fields: dict[str, Any], *, error: str = "", erro
                                             "error_field": error_field}, status_code)
 
 
-@router.api_route("/subscribe", methods=GET_HEAD)
+@router.api_route("/subscribe", methods=GET_HEAD, include_in_schema=False)
 def subscribe_form(request: Request) -> Response:
     return form_page(request, {})
 
@@ -185,7 +185,7 @@ def _confirm_problem(request: Request, token: str, error: Exception) -> Response
     return token_error_page(request, error)
 
 
-@router.api_route("/confirm/{token}", methods=GET_HEAD)
+@router.api_route("/confirm/{token}", methods=GET_HEAD, include_in_schema=False)
 def confirm_page(request: Request, token: str) -> Response:
     try:
         with session_scope() as session:
@@ -268,7 +268,7 @@ def _preferences_page(request: Request, token: str, *, saved: bool = False, erro
     return page(request, "preferences.html", context, status_code)
 
 
-@router.api_route("/preferences/{token}", methods=GET_HEAD)
+@router.api_route("/preferences/{token}", methods=GET_HEAD, include_in_schema=False)
 def preferences_page(request: Request, token: str) -> Response:
     return _preferences_page(request, token)
 
@@ -298,7 +298,7 @@ async def preferences(request: Request, token: str) -> Response:
     return _preferences_page(request, token, saved=True)
 
 
-@router.api_route("/unsubscribe/{token}", methods=GET_HEAD)
+@router.api_route("/unsubscribe/{token}", methods=GET_HEAD, include_in_schema=False)
 def unsubscribe_page(request: Request, token: str) -> Response:
     try:
         subscriber_id = _subscriber_for(token, tokens.Purpose.unsubscribe)
