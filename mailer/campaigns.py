@@ -131,6 +131,19 @@ def start(session: Session, campaign_id: int) -> bool:
     return started
 
 
+def start_materialised(session: Session, campaign_id: int) -> bool:
+    """Start a campaign whose deliveries were already made (a digest run); True if this call started it."""
+    started = _transition(session, campaign_id, CampaignStatus.sending, allowed={CampaignStatus.draft},
+                          started_at=utcnow())
+    if started:
+        campaign = _get(session, campaign_id)
+        campaign.total = store.delivery_counts(session, campaign_id)["pending"]
+        if campaign.total == 0:
+            campaign.status, campaign.finished_at = CampaignStatus.finished, utcnow()
+            campaign.status_reason = "Nobody had anything new."
+    return started
+
+
 def schedule(session: Session, campaign_id: int, at: datetime) -> None:
     if at.tzinfo is None:
         raise InvalidInput("at", "Give the time with a time zone, e.g. 2026-12-01T08:00:00+00:00.")

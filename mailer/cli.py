@@ -10,12 +10,16 @@ import typer
 from pydantic import ValidationError
 
 from mailer.cli_campaigns import app as campaign_app
+from mailer.cli_digests import articles_app, digest_app, preview
 from mailer.config import Settings, describe_error, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Newsletter and subscriber mailer.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 app.add_typer(db_app, name="db")
 app.add_typer(campaign_app, name="campaign")
+app.add_typer(articles_app, name="articles")
+app.add_typer(digest_app, name="digest")
+app.command("preview")(preview)
 
 
 def settings() -> Settings:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mailer import campaigns, heartbeat, policy, queue, store, tokens
+from sqlalchemy.orm import Session
+
+from mailer import campaigns, digests, heartbeat, policy, queue, store, tokens
 from mailer.compose import Reader, Variants
 from mailer.config import Settings, get_settings
 from mailer.db import session_scope
-from mailer.models import Campaign, CampaignStatus, DeliveryState, Status, utcnow
+from mailer.digests import Content
+from mailer.models import Campaign, CampaignKind, CampaignStatus, DeliveryState, Status, utcnow
 from mailer.recorder import Outcome, Recorder
 from mailer.sender import Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
@@ -33,6 +36,46 @@ log = logging.getLogger(__name__)
 class Job:
     claim: Claim
     reader: ReaderRow
+    content: Content | None = None
+
+
+class Templates:
+    """The loop's renders: one set for a broadcast; one per distinct content for a digest, the most
+    recent few hundred kept, so memory does not grow with the number of readers."""
+
+    KEEP = 256
+
+    def __init__(self) -> None:
+        self.broadcast: Variants | None = None
+        self.digests: OrderedDict[Content, Variants] = OrderedDict()
+        self.rendered = 0
+
+    def load(self, session: Session, campaign: Campaign, jobs: list[Job]) -> list[Job]:
+        """Attach each job's content (digests) and render what is new; jobs without content are dropped."""
+        if campaign.kind is not CampaignKind.digest:
+            if self.broadcast is None:
+                self.broadcast = campaigns.message_templates(campaign)
+            return jobs
+        found = digests.contents(session, [job.claim.delivery_id for job in jobs])
+        ready = []
+        for job in jobs:
+            content = found.get(job.claim.delivery_id)
+            if content is None:
+                continue
+            if content in self.digests:
+                self.digests.move_to_end(content)
+            else:
+                self.digests[content] = digests.render_content(session, content)
+                if len(self.digests) > self.KEEP:
+                    self.digests.popitem(last=False)
+            ready.append(Job(job.claim, job.reader, content))
+        return ready
+
+    def for_job(self, job: Job) -> Variants:
+        if job.content is None:
+            assert self.broadcast is not None
+            return self.broadcast
+        return self.digests[job.content]
 
 
 class FailureWindow:
@@ -72,10 +115,10 @@ def message_id(campaign_id: int, delivery_id: int, domain: str) -> str:
 class Batch:
     """Sends one batch of jobs over the lanes (one SMTP connection each), recording every answer."""
 
-    def __init__(self, *, campaign_id: int, template: Variants, recorder: Recorder, throttle: Throttle,
+    def __init__(self, *, campaign_id: int, templates: Templates, recorder: Recorder, throttle: Throttle,
                  window: FailureWindow, settings: Settings) -> None:
         self.campaign_id = campaign_id
-        self.template = template
+        self.templates = templates
         self.recorder = recorder
         self.throttle = throttle
         self.window = window
@@ -89,7 +132,8 @@ class Batch:
         links = tokens.urls(job.reader.id)
         mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
         reader = Reader(email=job.reader.email, name=job.reader.name, **links)
-        data = self.template.for_reader(reader).personalise(reader, message_id=mid, eight_bit=eight_bit)
+        data = self.templates.for_job(job).for_reader(reader).personalise(reader, message_id=mid,
+                                                                           eight_bit=eight_bit)
         return sign(data, self.settings), mid
 
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
@@ -146,33 +190,35 @@ class Batch:
 class Claimed:
     jobs: list[Job]
     skipped: list[tuple[int, str]]
-    template: Variants | None
     go_on: bool
 
 
-def _claim(campaign_id: int, worker: str, settings: Settings,
-           prepare: Callable[[Campaign], Variants] | None) -> Claimed:
+def _claim(campaign_id: int, worker: str, settings: Settings, templates: Templates) -> Claimed:
     """Claim a batch and load its readers; readers who left or were suppressed meanwhile are skipped."""
     with session_scope() as session:
         campaign = session.get(Campaign, campaign_id)
         if campaign is None or campaign.status is not CampaignStatus.sending:
-            return Claimed([], [], None, False)
+            return Claimed([], [], False)
         claims = store.claim_deliveries(session, campaign_id, worker, settings.batch_size)
         if not claims:
-            return Claimed([], [], None, False)
-        template = prepare(campaign) if prepare else None
+            return Claimed([], [], False)
         readers = store.readers(session, [claim.subscriber_id for claim in claims])
         suppressed = store.is_suppressed(session, [r.email_hash for r in readers.values() if r.email_hash])
-    jobs, skipped = [], []
-    for claim in claims:
-        reader = readers.get(claim.subscriber_id)
-        if reader is None or reader.status is not Status.confirmed:
-            skipped.append((claim.delivery_id, f"reader is {reader.status.value if reader else 'gone'}"))
-        elif reader.email_hash in suppressed:
-            skipped.append((claim.delivery_id, "address is on the suppression list"))
-        else:
-            jobs.append(Job(claim, reader))
-    return Claimed(jobs, skipped, template, True)
+        jobs, skipped = [], []
+        for claim in claims:
+            reader = readers.get(claim.subscriber_id)
+            if reader is None or reader.status is not Status.confirmed:
+                skipped.append((claim.delivery_id, f"reader is {reader.status.value if reader else 'gone'}"))
+            elif reader.email_hash in suppressed:
+                skipped.append((claim.delivery_id, "address is on the suppression list"))
+            else:
+                jobs.append(Job(claim, reader))
+        ready = templates.load(session, campaign, jobs)
+        if len(ready) < len(jobs):
+            kept = {job.claim.delivery_id for job in ready}
+            skipped.extend((job.claim.delivery_id, "the digest has no articles") for job in jobs
+                           if job.claim.delivery_id not in kept)
+    return Claimed(ready, skipped, True)
 
 
 async def _run(campaign_id: int) -> bool:
@@ -190,7 +236,7 @@ async def _run(campaign_id: int) -> bool:
     lanes = [transport_for(settings) for _ in range(permits)]
     throttle = shared_throttle(settings)
     window = FailureWindow(size=settings.pause_failure_window, threshold=settings.pause_failure_rate)
-    template: Variants | None = None
+    templates = Templates()
     deadline = time.monotonic() + settings.task_seconds
     more = False
     try:
@@ -198,15 +244,12 @@ async def _run(campaign_id: int) -> bool:
             if time.monotonic() > deadline:
                 more = True
                 break
-            claimed = await asyncio.to_thread(
-                _claim, campaign_id, worker, settings, None if template else campaigns.message_templates)
-            template = template or claimed.template
+            claimed = await asyncio.to_thread(_claim, campaign_id, worker, settings, templates)
             if not claimed.go_on:
                 break
-            assert template is not None
             for delivery_id, why in claimed.skipped:
                 recorder.record(Outcome(delivery_id, DeliveryState.skipped, text=why))
-            batch = Batch(campaign_id=campaign_id, template=template, recorder=recorder, throttle=throttle,
+            batch = Batch(campaign_id=campaign_id, templates=templates, recorder=recorder, throttle=throttle,
                           window=window, settings=settings)
             await batch.send(claimed.jobs, lanes)
             if batch.sender_refused is not None:

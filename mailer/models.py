@@ -123,6 +123,8 @@ class Subscriber(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Articles ingested up to this time have been considered for this reader's digests.
+    digest_cursor: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     categories: Mapped[list[Category]] = relationship(
         secondary=subscriber_categories, order_by=Category.position, lazy="selectin"
@@ -199,6 +201,7 @@ class DeliveryState(enum.StrEnum):
 
 class Campaign(Base):
     __tablename__ = "campaigns"
+    __table_args__ = (UniqueConstraint("run_key", name="uq_campaigns_run_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[CampaignKind] = mapped_column(_enum(CampaignKind, "campaign_kind"), default=CampaignKind.broadcast)
@@ -217,6 +220,8 @@ class Campaign(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     total: Mapped[int] = mapped_column(Integer, default=0)
+    # A digest run is one campaign per frequency and period ("daily:2026-11-25"): running it again finds it.
+    run_key: Mapped[str | None] = mapped_column(String(60), default=None)
 
 
 class Delivery(Base):
@@ -267,3 +272,48 @@ class WorkerBeat(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+article_categories = Table(
+    "article_categories",
+    Base.metadata,
+    Column("article_id", ForeignKey("articles.id", ondelete="CASCADE"), primary_key=True),
+    Column("category_id", ForeignKey("categories.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Article(Base):
+    __tablename__ = "articles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000), unique=True)
+    title: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(200), default="")
+    author: Mapped[str] = mapped_column(String(200), default="")
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Sanitised HTML (nh3 allow-list): safe to put into a mail as it is.
+    summary: Mapped[str] = mapped_column(Text, default="")
+    image_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    categories: Mapped[list[Category]] = relationship(
+        secondary=article_categories, order_by=Category.position, lazy="selectin"
+    )
+
+
+class DigestItem(Base):
+    """The ledger: one row per (reader, article) that went into a digest. A reader never gets an article twice."""
+
+    __tablename__ = "digest_items"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    article_id: Mapped[int] = mapped_column(ForeignKey("articles.id", ondelete="CASCADE"))
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
+    category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id", ondelete="SET NULL"))
+    position: Mapped[int] = mapped_column(SmallInteger, default=0)
+    # False for articles beyond the per-category limit: counted in "and K more", not listed.
+    shown: Mapped[bool] = mapped_column(default=True)
+
+    __table_args__ = (UniqueConstraint("subscriber_id", "article_id", name="uq_digest_items_reader_article"),)

@@ -29,14 +29,17 @@ from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.migrate import upgrade
 from mailer.models import (
+    Article,
     Campaign,
     Category,
     ConsentEvent,
     Delivery,
+    DigestItem,
     Notice,
     Subscriber,
     Suppression,
     WorkerBeat,
+    article_categories,
     subscriber_categories,
 )
 from mailer.web import clients
@@ -168,7 +171,8 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 
 def empty_tables() -> None:
     with session_scope() as session:
-        for table in (Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
+        for table in (DigestItem.__table__, article_categories, Article.__table__,
+                      Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
                       subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
             session.execute(delete(table))
         session.execute(delete(Category).where(Category.id > STARTER_SLUGS))

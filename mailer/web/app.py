@@ -15,7 +15,7 @@ from mailer import __version__, queue
 from mailer.config import get_settings
 from mailer.db import engine
 from mailer.errors import Conflict, InvalidInput, MailerError, NotFound, RateLimited
-from mailer.web import api, campaigns_api, public
+from mailer.web import api, campaigns_api, digests_api, public
 
 
 def _is_api(request: Request) -> bool:
@@ -47,6 +47,7 @@ def create_app(*, background: bool = False) -> FastAPI:
     app.include_router(public.router)
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
+    app.include_router(digests_api.router)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

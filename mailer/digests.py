@@ -1,0 +1,278 @@
+"""Digest runs: a campaign of kind `digest` per frequency and period, one delivery per reader with
+something new, and the ledger (`digest_items`) of what each delivery carries.
+
+Materialisation walks readers by id in batches and is safe to repeat: deliveries are unique per
+(campaign, reader) and ledger rows per (reader, article), so a run that failed halfway and is run
+again neither repeats an article nor sends a reader two digests. Readers with nothing new get no
+mail, and their cursor moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from mailer import campaigns, compose, render, store
+from mailer.config import get_settings
+from mailer.db import session_scope
+from mailer.digest import UNCATEGORISED, ArticleRef, Section, build
+from mailer.models import (
+    Article,
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    Delivery,
+    DeliveryState,
+    DigestItem,
+    Frequency,
+    Status,
+    Subscriber,
+    article_categories,
+    subscriber_categories,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+PERIOD = {Frequency.daily: timedelta(days=1), Frequency.weekly: timedelta(days=7)}
+READER_BATCH = 1000
+PER_CATEGORY = 10
+
+
+def run_key(frequency: Frequency, now: datetime) -> str:
+    if frequency is Frequency.weekly:
+        year, week, _ = now.isocalendar()
+        return f"weekly:{year}-W{week:02d}"
+    return f"daily:{now.date().isoformat()}"
+
+
+@dataclass
+class RunResult:
+    campaign_id: int | None
+    readers: int
+    started: bool
+
+
+def _articles_since(session: Session, since: datetime, until: datetime) -> list[ArticleRef]:
+    rows = session.execute(
+        select(Article.id, Article.published_at, Article.ingested_at)
+        .where(Article.ingested_at > since, Article.ingested_at <= until)
+    ).all()
+    if not rows:
+        return []
+    links: dict[int, set[int]] = defaultdict(set)
+    for article_id, category_id in session.execute(
+        select(article_categories.c.article_id, article_categories.c.category_id)
+        .where(article_categories.c.article_id.in_([r[0] for r in rows]))
+    ):
+        links[article_id].add(category_id)
+    return [ArticleRef(r[0], r[1] or r[2], frozenset(links.get(r[0], ())), r[2]) for r in rows]
+
+
+def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Frequency | None = None,
+         received: set[int] | None = None) -> tuple[list[Section], dict[int, datetime]]:
+    """One reader's next digest, without recording anything (used by preview)."""
+    period = PERIOD[frequency or reader.frequency]
+    since = reader.digest_cursor or now - period
+    articles = _articles_since(session, since, now)
+    if received is None:
+        received = set(session.scalars(select(DigestItem.article_id).where(
+            DigestItem.subscriber_id == reader.id, DigestItem.article_id.in_([a.id for a in articles]))))
+    order = [c.id for c in store.categories(session)]
+    chosen = [c.id for c in reader.categories]
+    sections = build(chosen=chosen, category_order=order, articles=articles, received=received,
+                     per_category=PER_CATEGORY)
+    return sections, {a.id: a.when for a in articles}
+
+
+def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cutoff: datetime,
+                 after_id: int) -> tuple[int, int]:
+    """One batch of readers; returns (last reader id seen, deliveries made). Reader ids walk upwards."""
+    period = PERIOD[frequency]
+    readers = session.execute(
+        select(Subscriber.id, Subscriber.digest_cursor)
+        .where(Subscriber.status == Status.confirmed, Subscriber.frequency == frequency, Subscriber.id > after_id)
+        .order_by(Subscriber.id).limit(READER_BATCH)
+    ).all()
+    if not readers:
+        return after_id, 0
+    ids = [r[0] for r in readers]
+    oldest = min((r[1] or cutoff - period) for r in readers)
+    articles = _articles_since(session, oldest, cutoff)
+    chosen: dict[int, list[int]] = defaultdict(list)
+    for subscriber_id, category_id in session.execute(
+        select(subscriber_categories.c.subscriber_id, subscriber_categories.c.category_id)
+        .where(subscriber_categories.c.subscriber_id.in_(ids))
+    ):
+        chosen[subscriber_id].append(category_id)
+    received: dict[int, set[int]] = defaultdict(set)
+    if articles:
+        for subscriber_id, article_id in session.execute(
+            select(DigestItem.subscriber_id, DigestItem.article_id)
+            .where(DigestItem.subscriber_id.in_(ids), DigestItem.article_id.in_([a.id for a in articles]))
+        ):
+            received[subscriber_id].add(article_id)
+    already = set(session.scalars(select(Delivery.subscriber_id).where(
+        Delivery.campaign_id == campaign.id, Delivery.subscriber_id.in_(ids))))
+    order = [c.id for c in store.categories(session)]
+    planned: list[tuple[int, list[Section]]] = []
+    for subscriber_id, cursor in readers:
+        if subscriber_id in already:
+            continue
+        since = cursor or cutoff - period
+        fresh = [a for a in articles if a.ingested is not None and a.ingested > since]
+        sections = build(chosen=chosen.get(subscriber_id, []), category_order=order, articles=fresh,
+                         received=received[subscriber_id], per_category=PER_CATEGORY)
+        if sections:
+            planned.append((subscriber_id, sections))
+    made = 0
+    if planned:
+        rows = session.execute(
+            insert(Delivery).returning(Delivery.id, Delivery.subscriber_id),
+            [{"campaign_id": campaign.id, "subscriber_id": s, "state": DeliveryState.pending.value, "attempts": 0}
+             for s, _ in planned],
+        ).all()
+        delivery_of = {subscriber_id: delivery_id for delivery_id, subscriber_id in rows}
+        items = []
+        for subscriber_id, sections in planned:
+            for section in sections:
+                category = None if section.category_id == UNCATEGORISED else section.category_id
+                for position, article_id in enumerate(section.article_ids):
+                    items.append({"subscriber_id": subscriber_id, "article_id": article_id,
+                                  "delivery_id": delivery_of[subscriber_id], "category_id": category,
+                                  "position": position, "shown": True})
+                for article_id in section.more:
+                    items.append({"subscriber_id": subscriber_id, "article_id": article_id,
+                                  "delivery_id": delivery_of[subscriber_id], "category_id": category,
+                                  "position": 0, "shown": False})
+        session.execute(insert(DigestItem), items)
+        made = len(planned)
+    session.execute(update(Subscriber).where(Subscriber.id.in_(ids)).values(digest_cursor=cutoff))
+    return ids[-1], made
+
+
+def run(frequency: Frequency, *, now: datetime | None = None,
+        progress: Callable[[int], None] | None = None) -> RunResult:
+    """Create (or find) this period's digest run, add the readers with something new, and start it."""
+    now = now or utcnow()
+    key = run_key(frequency, now)
+    with session_scope() as session:
+        campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
+        if campaign is None:
+            campaign = Campaign(kind=CampaignKind.digest, subject=f"{frequency.value} digest", html="", text="",
+                                categories=[], status=CampaignStatus.draft, status_reason="", total=0,
+                                run_key=key, created_at=now)
+            session.add(campaign)
+            session.flush()
+        campaign_id, status = campaign.id, campaign.status
+    if status is not CampaignStatus.draft:
+        return RunResult(campaign_id, 0, False)
+    last, total = 0, 0
+    while True:
+        with session_scope() as session:
+            campaign = session.get(Campaign, campaign_id)
+            assert campaign is not None
+            last_seen, made = _materialise(session, campaign, frequency, now, last)
+        total += made
+        if progress:
+            progress(total)
+        if last_seen == last:
+            break
+        last = last_seen
+    with session_scope() as session:
+        started = campaigns.start_materialised(session, campaign_id)
+    if started:
+        campaigns.kick(campaign_id)
+    return RunResult(campaign_id, total, started)
+
+
+def preview(email: str) -> render.Rendered | None:
+    """A reader's next digest, rendered for them, without sending or recording anything."""
+    from mailer import tokens
+    from mailer.errors import InvalidEmail
+    from mailer.subscriptions import normalize_email
+
+    _, key = normalize_email(email)
+    now = utcnow()
+    with session_scope() as session:
+        reader = store.subscriber_by_email(session, key)
+        if reader is None:
+            raise InvalidEmail("There is no subscriber with that address.")
+        sections, _ = plan(session, reader, now=now)
+        if not sections:
+            return None
+        content = Content(tuple(
+            (None if s.category_id == UNCATEGORISED else s.category_id, s.article_ids, len(s.more))
+            for s in sections))
+        variants = render_content(session, content)
+        fields = compose.Reader(email=reader.email, name=reader.name, **tokens.urls(reader.id))
+    template = variants.for_reader(fields)
+    values = fields.fields()
+    return render.Rendered(subject=template.subject.fill(values), text=template.text.fill(values),
+                           html=template.html.fill(values).decode("ascii"))
+
+
+# --- Rendering ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Content:
+    """What one digest shows; readers with equal content share one render."""
+
+    sections: tuple[tuple[int | None, tuple[int, ...], int], ...]
+
+
+def contents(session: Session, delivery_ids: list[int]) -> dict[int, Content]:
+    by_delivery: dict[int, dict[int | None, tuple[list[tuple[int, int]], list[int]]]] = defaultdict(dict)
+    for delivery_id, category_id, article_id, position, shown in session.execute(
+        select(DigestItem.delivery_id, DigestItem.category_id, DigestItem.article_id, DigestItem.position,
+               DigestItem.shown).where(DigestItem.delivery_id.in_(delivery_ids))
+    ):
+        listed, more = by_delivery[delivery_id].setdefault(category_id, ([], []))
+        (listed.append((position, article_id)) if shown else more.append(article_id))
+    order = {c.id: c.position for c in store.categories(session)}
+    result = {}
+    for delivery_id, sections in by_delivery.items():
+        ordered = sorted(sections.items(), key=lambda kv: (kv[0] is None, order.get(kv[0] or 0, 0), kv[0] or 0))
+        result[delivery_id] = Content(tuple(
+            (category_id, tuple(a for _, a in sorted(listed)), len(more)) for category_id, (listed, more) in ordered
+        ))
+    return result
+
+
+def render_content(session: Session, content: Content) -> compose.Variants:
+    """The digest template for one distinct content, rendered on first use."""
+    article_ids = [a for _, ids, _ in content.sections for a in ids]
+    articles = {a.id: a for a in session.scalars(select(Article).where(Article.id.in_(article_ids)))}
+    categories = {c.id: c for c in store.categories(session)}
+    base = get_settings().base_url
+    sections: list[dict[str, Any]] = []
+    for category_id, ids, more in content.sections:
+        category = categories.get(category_id) if category_id else None
+        sections.append({
+            "name": category.name if category else "More news",
+            "url": f"{base}/categories/{category.slug}" if category else base,
+            "articles": [_article(articles[i]) for i in ids if i in articles],
+            "more": more,
+        })
+    top = sections[0]["articles"][0]["title"] if sections and sections[0]["articles"] else ""
+    context: dict[str, Any] = {"sections": sections, "top_headline": top,
+                               "date": utcnow().strftime("%A, %B %-d, %Y")}
+
+    def rendered(markers: dict[str, Any]) -> render.Rendered:
+        return render.render("digest", {**context, **markers})
+
+    return compose.Variants(rendered)
+
+
+def _article(article: Article) -> dict[str, Any]:
+    when = article.published_at or article.ingested_at
+    return {"title": article.title, "url": article.url, "source": article.source, "summary": article.summary,
+            "published": when.strftime("%b %-d, %H:%M UTC"), "image_url": article.image_url}

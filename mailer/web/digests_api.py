@@ -1,0 +1,78 @@
+"""Admin API for articles and digests."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from mailer import articles, digests
+from mailer.db import session_scope
+from mailer.models import Frequency
+from mailer.web.api import require_admin
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["articles and digests"])
+
+
+class ArticleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=1, max_length=2000, description="The canonical http(s) URL; sent again, it updates.")
+    title: str = Field(min_length=1, max_length=2000)
+    source: str = Field(default="", max_length=200)
+    author: str = Field(default="", max_length=200)
+    published_at: datetime | None = None
+    summary: str = Field(default="", max_length=100_000, description="HTML; sanitised with an allow-list.")
+    image_url: str | None = Field(default=None, max_length=2000)
+    categories: list[str] = Field(default=[], max_length=50, description="Category names or slugs.")
+
+
+class ImportReport(BaseModel):
+    new: int
+    updated: int
+    skipped: list[dict[str, str]]
+
+
+class DigestRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    frequency: Frequency
+
+
+class DigestRunOut(BaseModel):
+    campaign_id: int | None
+    readers: int
+    started: bool
+
+
+class PreviewOut(BaseModel):
+    subject: str
+    text: str
+    html: str
+
+
+@router.post("/articles", status_code=201)
+def add_articles(body: ArticleIn | list[ArticleIn], create_categories: bool = False) -> ImportReport:
+    items = body if isinstance(body, list) else [body]
+    with session_scope() as session:
+        report = articles.ingest(session, [articles.Incoming(
+            url=item.url, title=item.title, source=item.source, author=item.author,
+            published_at=articles.parse_time(item.published_at), summary=item.summary, image_url=item.image_url,
+            categories=tuple(item.categories)) for item in items], create_categories=create_categories)
+    return ImportReport(new=report.new, updated=report.updated,
+                        skipped=[{"item": what, "reason": why} for what, why in report.skipped])
+
+
+@router.post("/digests/run", status_code=202)
+def run_digest(body: DigestRunIn) -> DigestRunOut:
+    result = digests.run(body.frequency)
+    return DigestRunOut(campaign_id=result.campaign_id, readers=result.readers, started=result.started)
+
+
+@router.get("/digests/preview")
+def preview(email: Annotated[str, Query(max_length=320)]) -> PreviewOut | None:
+    """A reader's next digest, rendered for them; null when they have nothing new."""
+    rendered = digests.preview(email)
+    if rendered is None:
+        return None
+    return PreviewOut(subject=rendered.subject, text=rendered.text, html=rendered.html)

@@ -1,0 +1,172 @@
+"""Articles in, category digests out, with a real SMTP server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from mailer import digest, digests, queue
+from mailer.db import session_scope
+from mailer.models import Article, DigestItem, Frequency, utcnow
+from tests.campaign_helpers import wait_until
+from tests.conftest import SmtpSink, make_readers
+
+FEEDS = Path(__file__).parent / "feeds"
+
+
+def add(admin: TestClient, *items: dict[str, object]) -> dict[str, object]:
+    response = admin.post("/api/articles", json=list(items))
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def article(n: int, *categories: str, title: str | None = None) -> dict[str, object]:
+    return {"url": f"https://news.example.org/a/{n}", "title": title or f"Talks resume, day {n}",
+            "source": "falmouthpacket.co.uk", "summary": f"<p>Envoys met for round {n}.</p>",
+            "categories": list(categories)}
+
+
+def test_grouping_is_pure_and_stable() -> None:
+    """Each article once, under the first of the reader's categories in site order; newest first; N per section."""
+    now = utcnow()
+    refs = [digest.ArticleRef(i, now - timedelta(minutes=i), frozenset(cats)) for i, cats in
+            [(1, {2, 1}), (2, {2}), (3, {3}), (4, set()), *[(10 + i, {1}) for i in range(12)]]]
+    sections = digest.build(chosen=[2, 1], category_order=[1, 2, 3], articles=refs, received={2})
+    assert [s.category_id for s in sections] == [1]
+    assert sections[0].article_ids[0] == 1
+    assert len(sections[0].article_ids) == 10
+    assert len(sections[0].more) == 3
+    everything = digest.build(chosen=[], category_order=[1, 2, 3], articles=refs, received=set())
+    assert [s.category_id for s in everything] == [1, 2, 3, digest.UNCATEGORISED]
+    assert digest.build(chosen=[3], category_order=[1, 2, 3], articles=refs, received={3}) == []
+
+
+def test_articles_are_updated_not_duplicated_and_sanitised(admin: TestClient) -> None:
+    """The same URL again updates the article; scripts, bad links and odd category spellings are handled."""
+    first = add(admin, {**article(1, "U.S.–Russia Relations"), "title": "<script>alert(1)</script>Summit"})
+    assert (first["new"], first["updated"]) == (1, 0)
+    second = add(admin, {**article(1, "US-Russia relations"), "title": "Summit, updated",
+                         "summary": "<p onclick='x()'>Hi <a href='javascript:alert(1)'>x</a>"
+                                    "<a href='https://ok.example/'>ok</a><script>bad()</script></p>"},
+                 {"url": "javascript:alert(1)", "title": "bad"})
+    assert (second["new"], second["updated"], len(second["skipped"])) == (0, 1, 1)
+    empty = admin.post("/api/articles", json={"url": "https://news.example.org/b", "title": ""})
+    assert empty.status_code == 422
+    assert "title" in empty.json()["detail"]
+    with session_scope() as session:
+        stored = session.scalars(select(Article)).one()
+        assert stored.title == "Summit, updated"
+        assert [c.slug for c in stored.categories] == ["us-russia-relations"]
+        assert "script" not in stored.summary and "onclick" not in stored.summary
+        assert "javascript" not in stored.summary
+        assert 'href="https://ok.example/"' in stored.summary
+
+
+def test_digest_groups_sends_once_and_never_repeats(admin: TestClient, smtp: SmtpSink) -> None:
+    """Readers get their categories' new articles once, across categories and runs; nothing new, no mail."""
+    make_readers(2, prefix="russia", categories=("us-russia-relations",))
+    make_readers(1, prefix="all")
+    make_readers(1, prefix="nato", categories=("us-nato-relations",))
+    with session_scope() as session:
+        session.execute(update(Article).values(ingested_at=utcnow()))
+    add(admin, article(1, "U.S.–Russia Relations", "U.S.–NATO Relations"), article(2, "U.S.–Russia Relations"),
+        {**article(3, "Peace & Diplomacy"), "title": "<script>alert('x')</script> Ceasefire"})
+    result = admin.post("/api/digests/run", json={"frequency": "daily"}).json()
+    assert result["readers"] == 4
+    done = wait_until(admin, result["campaign_id"])
+    assert done["counts"]["sent"] == 4
+    mails = {m.recipients[0]: m for m in smtp.wait_for(4)}
+    russia = mails["russia0@example.org"]
+    assert russia.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    text = russia.part("plain")
+    assert text.count("Talks resume, day 1") == 1
+    assert "Talks resume, day 2" in text and "Ceasefire" not in text
+    everything = mails["all0@example.org"].part("html")
+    assert "&lt;script&gt;" in everything and "<script>" not in everything
+    assert everything.count("Talks resume, day 1") == 1
+    assert "Talks resume, day 2" not in mails["nato0@example.org"].part("plain")
+
+    # The same period again changes nothing; a new article goes out next time, alone.
+    again = admin.post("/api/digests/run", json={"frequency": "daily"}).json()
+    assert (again["campaign_id"], again["started"]) == (result["campaign_id"], False)
+    add(admin, article(4, "U.S.–Russia Relations"))
+    second = digests.run(Frequency.daily, now=utcnow() + timedelta(days=1))
+    assert second.readers == 3
+    wait_until(admin, second.campaign_id)
+    later = [m for m in smtp.wait_for(7)[4:]]
+    for mail in later:
+        body = mail.part("plain")
+        assert "day 4" in body
+        assert "day 1" not in body and "day 2" not in body
+    assert "nato0@example.org" not in {m.recipients[0] for m in later}
+    with session_scope() as session:
+        assert len(session.scalars(select(DigestItem)).all()) == 4 * 1 + 2 * 2 + 2 + 3 * 1 - 2
+
+
+def test_a_run_that_failed_halfway_is_finished_without_repeats(admin: TestClient, smtp: SmtpSink,
+                                                              env: Callable[..., None]) -> None:
+    """Materialisation that stops between reader batches is completed by running again; nobody twice."""
+    make_readers(5, prefix="r")
+    add(admin, article(1, "Peace & Diplomacy"))
+    original = digests.READER_BATCH
+    digests.READER_BATCH = 2
+    calls = {"n": 0}
+    real = digests._materialise
+
+    def crash_on_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("worker died")
+        return real(*args, **kwargs)
+
+    digests._materialise = crash_on_second  # type: ignore[assignment]
+    try:
+        with pytest.raises(RuntimeError):
+            digests.run(Frequency.daily)
+    finally:
+        digests._materialise = real  # type: ignore[assignment]
+    result = digests.run(Frequency.daily)
+    digests.READER_BATCH = original
+    assert result.started
+    wait_until(admin, result.campaign_id)
+    counts = {}
+    for mail in smtp.wait_for(5):
+        counts[mail.recipients[0]] = counts.get(mail.recipients[0], 0) + 1
+    assert counts == {f"r{i}@example.org": 1 for i in range(5)}
+
+
+def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
+    """Feeds with entities, CDATA, no dates, relative links and Latin-1 import; preview records nothing."""
+    from mailer import articles
+
+    rss = ('<?xml version="1.0" encoding="ISO-8859-1"?><rss version="2.0"><channel><title>Caf\xe9 news</title>'
+           '<link>https://site.example/</link><item><title>Caf\xe9 &amp; talks</title><link>/a/1</link>'
+           '<description><![CDATA[<p>Inside <b>CDATA</b><script>x()</script></p>]]></description>'
+           '<category>U.S.&#8211;Russia Relations</category></item>'
+           '<item><title>No link</title></item></channel></rss>').encode("latin-1")
+    report = articles.Report()
+    with session_scope() as session:
+        articles.ingest(session, articles.read_source(rss, report), report=report)
+        stored = session.scalars(select(Article)).one()
+        assert stored.url == "https://site.example/a/1"
+        assert stored.title == "Café & talks"
+        assert [c.slug for c in stored.categories] == ["us-russia-relations"]
+        assert "<script>" not in stored.summary
+    assert len(report.skipped) == 1
+    broken = articles.Report()
+    list(articles.read_source(b"<rss><channel><item><title>x</ti", broken))
+    assert broken.problems
+    make_readers(1, prefix="pv", categories=("us-russia-relations",))
+    with session_scope() as session:
+        session.execute(update(Article).values(ingested_at=utcnow()))
+    shown = admin.get("/api/digests/preview", params={"email": "pv0@example.org"}).json()
+    assert "Caf&#233; &amp; talks" in shown["html"]
+    assert shown["subject"].endswith("Café & talks")
+    with session_scope() as session:
+        assert session.scalars(select(DigestItem)).all() == []
+    queue.drain()
