@@ -288,9 +288,12 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
-    from mailer import notices
+    from mailer import digests, feeds, notices
 
     notices.requeue_stale()
+    feeds.poll_due()
+    for frequency in digests.due(utcnow()):
+        digests.run(frequency)
     if swept or started or kicked:
         log.info("tick: %d claims handed back, started %s, restarted %s", swept, started, kicked)
     return {"swept": swept, "started": len(started), "kicked": len(kicked)}

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     dkim_selector: str = ""
     dkim_private_key: Path | None = None
 
+    # Digests and feeds.
+    schedule_digests: bool = True
+    timezone: str = "America/New_York"
+    digest_hour: int = Field(default=7, ge=0, le=23)
+    digest_weekday: int = Field(default=0, ge=0, le=6, description="0 is Monday")
+    feeds: Annotated[list[str], NoDecode] = []
+    feed_poll_minutes: float = Field(default=15.0, gt=0)
+    create_categories: bool = False
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _generated_key: str | None = PrivateAttr(default=None)
@@ -155,6 +164,28 @@ class Settings(BaseSettings):
             parse(value)
         except ValueError:
             raise ValueError("must look like '10/minute'") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"is {value!r}, which is not a time zone such as Europe/London") from None
+        return value
+
+    @field_validator("feeds", mode="before")
+    @classmethod
+    def _feeds(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for url in value:
+                if urlsplit(str(url)).scheme not in {"http", "https"}:
+                    raise ValueError(f"has {url!r}, which is not an http(s) URL")
         return value
 
     @field_validator("trusted_proxies", mode="before")

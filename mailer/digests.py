@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailer import campaigns, compose, render, store
@@ -46,11 +48,31 @@ READER_BATCH = 1000
 PER_CATEGORY = 10
 
 
+def local(now: datetime) -> datetime:
+    return now.astimezone(ZoneInfo(get_settings().timezone))
+
+
 def run_key(frequency: Frequency, now: datetime) -> str:
+    """The period a run covers, in the site's time zone: one run per day, or per ISO week."""
+    today = local(now)
     if frequency is Frequency.weekly:
-        year, week, _ = now.isocalendar()
+        year, week, _ = today.isocalendar()
         return f"weekly:{year}-W{week:02d}"
-    return f"daily:{now.date().isoformat()}"
+    return f"daily:{today.date().isoformat()}"
+
+
+def due(now: datetime) -> list[Frequency]:
+    """Frequencies whose run for this period should start now: at MAILER_DIGEST_HOUR in the site's
+    time zone (weekly ones on MAILER_DIGEST_WEEKDAY), and not yet made."""
+    settings = get_settings()
+    today = local(now)
+    if not settings.schedule_digests or today.hour < settings.digest_hour:
+        return []
+    wanted = [Frequency.daily] + ([Frequency.weekly] if today.weekday() == settings.digest_weekday else [])
+    with session_scope() as session:
+        made = set(session.scalars(select(Campaign.run_key).where(
+            Campaign.run_key.in_([run_key(f, now) for f in wanted]))))
+    return [f for f in wanted if run_key(f, now) not in made]
 
 
 @dataclass
@@ -163,15 +185,19 @@ def run(frequency: Frequency, *, now: datetime | None = None,
     """Create (or find) this period's digest run, add the readers with something new, and start it."""
     now = now or utcnow()
     key = run_key(frequency, now)
-    with session_scope() as session:
-        campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
-        if campaign is None:
-            campaign = Campaign(kind=CampaignKind.digest, subject=f"{frequency.value} digest", html="", text="",
-                                categories=[], status=CampaignStatus.draft, status_reason="", total=0,
-                                run_key=key, created_at=now)
-            session.add(campaign)
-            session.flush()
-        campaign_id, status = campaign.id, campaign.status
+    try:
+        with session_scope() as session:
+            campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
+            if campaign is None:
+                campaign = Campaign(kind=CampaignKind.digest, subject=f"{frequency.value} digest", html="",
+                                    text="", categories=[], status=CampaignStatus.draft, status_reason="", total=0,
+                                    run_key=key, created_at=now)
+                session.add(campaign)
+                session.flush()
+            campaign_id, status = campaign.id, campaign.status
+    except IntegrityError:
+        # Another process made this period's run a moment ago; it carries on with it.
+        return RunResult(None, 0, False)
     if status is not CampaignStatus.draft:
         return RunResult(campaign_id, 0, False)
     last, total = 0, 0

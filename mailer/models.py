@@ -317,3 +317,15 @@ class DigestItem(Base):
     shown: Mapped[bool] = mapped_column(default=True)
 
     __table_args__ = (UniqueConstraint("subscriber_id", "article_id", name="uq_digest_items_reader_article"),)
+
+
+class Feed(Base):
+    """A polled feed and what its server said last time, for conditional GET."""
+
+    __tablename__ = "feeds"
+
+    url: Mapped[str] = mapped_column(String(2000), primary_key=True)
+    etag: Mapped[str | None] = mapped_column(String(500), default=None)
+    last_modified: Mapped[str | None] = mapped_column(String(100), default=None)
+    polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    status: Mapped[str] = mapped_column(Text, default="")

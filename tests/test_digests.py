@@ -109,7 +109,8 @@ def test_digest_groups_sends_once_and_never_repeats(admin: TestClient, smtp: Smt
         assert "day 2" not in body
     assert "nato0@example.org" not in {m.recipients[0] for m in later}
     with session_scope() as session:
-        assert len(session.scalars(select(DigestItem)).all()) == 4 * 1 + 2 * 2 + 2 + 3 * 1 - 2
+        # First run: 2 Russia readers × 2 articles, the all-reader 3, the NATO reader 1; second run: 3 × 1.
+        assert len(session.scalars(select(DigestItem)).all()) == 4 + 3 + 1 + 3
 
 
 def test_a_run_that_failed_halfway_is_finished_without_repeats(admin: TestClient, smtp: SmtpSink,
@@ -174,3 +175,70 @@ def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
     with session_scope() as session:
         assert session.scalars(select(DigestItem)).all() == []
     queue.drain()
+
+
+def test_digests_are_due_at_the_hour_in_the_site_time_zone(env: Callable[..., None]) -> None:
+    """Daily runs start at MAILER_DIGEST_HOUR local time, weekly ones on the weekday; a made run is not due."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    env(schedule_digests="true", timezone="Asia/Tokyo", digest_hour="7", digest_weekday="0")
+    tokyo = ZoneInfo("Asia/Tokyo")
+    monday_early = datetime(2026, 11, 30, 6, 59, tzinfo=tokyo)
+    monday_seven = datetime(2026, 11, 30, 7, 0, tzinfo=tokyo)
+    tuesday = datetime(2026, 12, 1, 9, 0, tzinfo=tokyo)
+    assert digests.due(monday_early) == []
+    assert digests.due(monday_seven) == [Frequency.daily, Frequency.weekly]
+    assert digests.due(tuesday) == [Frequency.daily]
+    # 23:30 UTC on Sunday is already Monday morning in Tokyo.
+    assert digests.run_key(Frequency.daily, datetime(2026, 11, 29, 23, 30, tzinfo=ZoneInfo("UTC"))) == \
+        "daily:2026-11-30"
+    digests.run(Frequency.daily, now=monday_seven)
+    assert digests.due(monday_seven) == [Frequency.weekly]
+
+
+def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:
+    """A polled feed is imported once; the next poll sends If-None-Match and gets a 304."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mailer import feeds
+
+    body = (b'<?xml version="1.0"?><rss version="2.0"><channel><title>Packet</title>'
+            b"<item><title>Envoys meet</title><link>https://news.example.org/p/1</link></item></channel></rss>")
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("If-None-Match"))
+            if self.headers.get("If-None-Match") == '"v1"':
+                self.send_response(304)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("ETag", '"v1"')
+            self.send_header("Content-Type", "application/rss+xml")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/feed.xml"
+        env(feeds=url, feed_poll_minutes="0.0001")
+        assert feeds.poll_due() == 1
+        import time
+
+        time.sleep(0.05)
+        assert feeds.poll_due() == 1
+        assert seen == [None, '"v1"']
+        with session_scope() as session:
+            assert [a.title for a in session.scalars(select(Article))] == ["Envoys meet"]
+            from mailer.models import Feed
+
+            assert session.get(Feed, url).status == "not modified"
+    finally:
+        server.shutdown()

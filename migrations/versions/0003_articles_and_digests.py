@@ -64,6 +64,14 @@ def upgrade() -> None:
     with op.batch_alter_table('digest_items', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_digest_items_delivery_id'), ['delivery_id'], unique=False)
 
+    op.create_table('feeds',
+    sa.Column('url', sa.String(length=2000), nullable=False),
+    sa.Column('etag', sa.String(length=500), nullable=True),
+    sa.Column('last_modified', sa.String(length=100), nullable=True),
+    sa.Column('polled_at', mailer.models.UTCDateTime(), nullable=True),
+    sa.Column('status', sa.Text(), nullable=False),
+    sa.PrimaryKeyConstraint('url')
+    )
     with op.batch_alter_table('campaigns', schema=None) as batch_op:
         batch_op.add_column(sa.Column('run_key', sa.String(length=60), nullable=True))
         batch_op.create_unique_constraint('uq_campaigns_run_key', ['run_key'])
@@ -89,6 +97,7 @@ def downgrade() -> None:
     with op.batch_alter_table('digest_items', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_digest_items_delivery_id'))
 
+    op.drop_table('feeds')
     op.drop_table('digest_items')
     op.drop_table('article_categories')
     with op.batch_alter_table('articles', schema=None) as batch_op:
