@@ -32,7 +32,7 @@ from mailer.models import (
     CampaignStatus,
     Delivery,
     DeliveryState,
-    DigestItem,
+    DigestEntry,
     Frequency,
     Status,
     Subscriber,
@@ -105,13 +105,29 @@ def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Freq
     since = reader.digest_cursor or now - period
     articles = _articles_since(session, since, now)
     if received is None:
-        received = set(session.scalars(select(DigestItem.article_id).where(
-            DigestItem.subscriber_id == reader.id, DigestItem.article_id.in_([a.id for a in articles]))))
+        received = _received(session, [reader.id], articles)[reader.id]
     order = [c.id for c in store.categories(session)]
     chosen = [c.id for c in reader.categories]
     sections = build(chosen=chosen, category_order=order, articles=articles, received=received,
                      per_category=PER_CATEGORY)
     return sections, {a.id: a.when for a in articles}
+
+
+def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef]) -> dict[int, set[int]]:
+    """The articles each reader already got, among the candidates. An article can only be in digests made
+    after it was ingested, so only those entries are read."""
+    received: dict[int, set[int]] = defaultdict(set)
+    if not articles:
+        return received
+    oldest = min(a.ingested or a.when for a in articles)
+    for subscriber_id, sections in session.execute(
+        select(DigestEntry.subscriber_id, DigestEntry.sections)
+        .where(DigestEntry.subscriber_id.in_(reader_ids), DigestEntry.created_at >= oldest)
+    ):
+        for _category, listed, more in sections:
+            received[subscriber_id].update(listed)
+            received[subscriber_id].update(more)
+    return received
 
 
 def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cutoff: datetime,
@@ -134,13 +150,7 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
         .where(subscriber_categories.c.subscriber_id.in_(ids))
     ):
         chosen[subscriber_id].append(category_id)
-    received: dict[int, set[int]] = defaultdict(set)
-    if articles:
-        for subscriber_id, article_id in session.execute(
-            select(DigestItem.subscriber_id, DigestItem.article_id)
-            .where(DigestItem.subscriber_id.in_(ids), DigestItem.article_id.in_([a.id for a in articles]))
-        ):
-            received[subscriber_id].add(article_id)
+    received = _received(session, ids, articles)
     already = set(session.scalars(select(Delivery.subscriber_id).where(
         Delivery.campaign_id == campaign.id, Delivery.subscriber_id.in_(ids))))
     order = [c.id for c in store.categories(session)]
@@ -162,19 +172,12 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
              for s, _ in planned],
         ).all()
         delivery_of = {subscriber_id: delivery_id for delivery_id, subscriber_id in rows}
-        items = []
-        for subscriber_id, sections in planned:
-            for section in sections:
-                category = None if section.category_id == UNCATEGORISED else section.category_id
-                for position, article_id in enumerate(section.article_ids):
-                    items.append({"subscriber_id": subscriber_id, "article_id": article_id,
-                                  "delivery_id": delivery_of[subscriber_id], "category_id": category,
-                                  "position": position, "shown": True})
-                for article_id in section.more:
-                    items.append({"subscriber_id": subscriber_id, "article_id": article_id,
-                                  "delivery_id": delivery_of[subscriber_id], "category_id": category,
-                                  "position": 0, "shown": False})
-        session.execute(insert(DigestItem), items)
+        session.execute(insert(DigestEntry), [
+            {"delivery_id": delivery_of[subscriber_id], "subscriber_id": subscriber_id, "created_at": cutoff,
+             "sections": [[None if s.category_id == UNCATEGORISED else s.category_id, list(s.article_ids),
+                           list(s.more)] for s in sections]}
+            for subscriber_id, sections in planned
+        ])
         made = len(planned)
     session.execute(update(Subscriber).where(Subscriber.id.in_(ids)).values(digest_cursor=cutoff))
     return ids[-1], made
@@ -256,21 +259,13 @@ class Content:
 
 
 def contents(session: Session, delivery_ids: list[int]) -> dict[int, Content]:
-    by_delivery: dict[int, dict[int | None, tuple[list[tuple[int, int]], list[int]]]] = defaultdict(dict)
-    for delivery_id, category_id, article_id, position, shown in session.execute(
-        select(DigestItem.delivery_id, DigestItem.category_id, DigestItem.article_id, DigestItem.position,
-               DigestItem.shown).where(DigestItem.delivery_id.in_(delivery_ids))
-    ):
-        listed, more = by_delivery[delivery_id].setdefault(category_id, ([], []))
-        (listed.append((position, article_id)) if shown else more.append(article_id))
-    order = {c.id: c.position for c in store.categories(session)}
-    result = {}
-    for delivery_id, sections in by_delivery.items():
-        ordered = sorted(sections.items(), key=lambda kv: (kv[0] is None, order.get(kv[0] or 0, 0), kv[0] or 0))
-        result[delivery_id] = Content(tuple(
-            (category_id, tuple(a for _, a in sorted(listed)), len(more)) for category_id, (listed, more) in ordered
-        ))
-    return result
+    """What each digest delivery shows, from the ledger."""
+    return {
+        delivery_id: Content(tuple((category, tuple(listed), len(more)) for category, listed, more in sections))
+        for delivery_id, sections in session.execute(
+            select(DigestEntry.delivery_id, DigestEntry.sections).where(DigestEntry.delivery_id.in_(delivery_ids))
+        )
+    }
 
 
 def render_content(session: Session, content: Content) -> compose.Variants:

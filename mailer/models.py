@@ -302,21 +302,23 @@ class Article(Base):
     )
 
 
-class DigestItem(Base):
-    """The ledger: one row per (reader, article) that went into a digest. A reader never gets an article twice."""
+class DigestEntry(Base):
+    """The ledger: what one digest delivery carries, so a reader never gets an article twice.
 
-    __tablename__ = "digest_items"
+    One row per digest delivery (not per article): `sections` is [[category id or null, [listed article
+    ids], [article ids counted in "and K more"]], …]. A reader's received articles are the ids in their
+    entries since the oldest article still eligible.
+    """
+
+    __tablename__ = "digest_entries"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), unique=True)
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
-    article_id: Mapped[int] = mapped_column(ForeignKey("articles.id", ondelete="CASCADE"))
-    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
-    category_id: Mapped[int | None] = mapped_column(ForeignKey("categories.id", ondelete="SET NULL"))
-    position: Mapped[int] = mapped_column(SmallInteger, default=0)
-    # False for articles beyond the per-category limit: counted in "and K more", not listed.
-    shown: Mapped[bool] = mapped_column(default=True)
+    sections: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (UniqueConstraint("subscriber_id", "article_id", name="uq_digest_items_reader_article"),)
+    __table_args__ = (Index("ix_digest_entries_reader", "subscriber_id", "created_at"),)
 
 
 class Feed(Base):

@@ -302,3 +302,4 @@ def add_suppression(session: Session, *, email_hash: str, email: str | None, rea
         .values(email_hash=email_hash, email=email, reason=reason, detail=detail, created_at=utcnow())
         .on_conflict_do_nothing()
     )
+

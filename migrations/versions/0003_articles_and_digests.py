@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-25 14:38:08.175684
+Create Date: 2026-11-25 14:48:21.452273
 """
 
 from __future__ import annotations
@@ -39,31 +39,6 @@ def upgrade() -> None:
     with op.batch_alter_table('articles', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_articles_ingested_at'), ['ingested_at'], unique=False)
 
-    op.create_table('article_categories',
-    sa.Column('article_id', sa.Integer(), nullable=False),
-    sa.Column('category_id', sa.Integer(), nullable=False),
-    sa.ForeignKeyConstraint(['article_id'], ['articles.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['category_id'], ['categories.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('article_id', 'category_id')
-    )
-    op.create_table('digest_items',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('subscriber_id', sa.Integer(), nullable=False),
-    sa.Column('article_id', sa.Integer(), nullable=False),
-    sa.Column('delivery_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('category_id', sa.Integer(), nullable=True),
-    sa.Column('position', sa.SmallInteger(), nullable=False),
-    sa.Column('shown', sa.Boolean(), nullable=False),
-    sa.ForeignKeyConstraint(['article_id'], ['articles.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['category_id'], ['categories.id'], ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['delivery_id'], ['deliveries.id'], ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('subscriber_id', 'article_id', name='uq_digest_items_reader_article')
-    )
-    with op.batch_alter_table('digest_items', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_digest_items_delivery_id'), ['delivery_id'], unique=False)
-
     op.create_table('feeds',
     sa.Column('url', sa.String(length=2000), nullable=False),
     sa.Column('etag', sa.String(length=500), nullable=True),
@@ -72,6 +47,27 @@ def upgrade() -> None:
     sa.Column('status', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('url')
     )
+    op.create_table('article_categories',
+    sa.Column('article_id', sa.Integer(), nullable=False),
+    sa.Column('category_id', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['article_id'], ['articles.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['category_id'], ['categories.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('article_id', 'category_id')
+    )
+    op.create_table('digest_entries',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('delivery_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('subscriber_id', sa.Integer(), nullable=False),
+    sa.Column('sections', sa.JSON(), nullable=False),
+    sa.Column('created_at', mailer.models.UTCDateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['delivery_id'], ['deliveries.id'], ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('delivery_id')
+    )
+    with op.batch_alter_table('digest_entries', schema=None) as batch_op:
+        batch_op.create_index('ix_digest_entries_reader', ['subscriber_id', 'created_at'], unique=False)
+
     with op.batch_alter_table('campaigns', schema=None) as batch_op:
         batch_op.add_column(sa.Column('run_key', sa.String(length=60), nullable=True))
         batch_op.create_unique_constraint('uq_campaigns_run_key', ['run_key'])
@@ -88,18 +84,15 @@ def downgrade() -> None:
         batch_op.drop_column('digest_cursor')
 
     with op.batch_alter_table('campaigns', schema=None) as batch_op:
-        # WARNING: constraint name is None; this directive will fail as
-        # rendered.  Add a name, or use a naming convention; see
-        # https://alembic.sqlalchemy.org/en/latest/naming.html
         batch_op.drop_constraint('uq_campaigns_run_key', type_='unique')
         batch_op.drop_column('run_key')
 
-    with op.batch_alter_table('digest_items', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_digest_items_delivery_id'))
+    with op.batch_alter_table('digest_entries', schema=None) as batch_op:
+        batch_op.drop_index('ix_digest_entries_reader')
 
-    op.drop_table('feeds')
-    op.drop_table('digest_items')
+    op.drop_table('digest_entries')
     op.drop_table('article_categories')
+    op.drop_table('feeds')
     with op.batch_alter_table('articles', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_articles_ingested_at'))
 

@@ -1,0 +1,176 @@
+"""Digest throughput: build, render and send 100k readers' category digests to smtp-sink.
+
+    .venv/bin/python bench/digest.py                 # 100k readers, 7 categories, 2 Celery workers
+    .venv/bin/python bench/digest.py --readers 20000
+
+In one run it measures the sending engine's own end-to-end rate (a broadcast to the same readers,
+as bench/send.py does) and then the digest run: materialisation (grouping, ledger) plus sending,
+start to finish. It prints readers per second, the ratio to the broadcast rate, how many distinct
+contents were rendered (each rendered once, twice with the name variant) against the readers,
+and the peak memory of the digest builder and of each worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import send as common  # noqa: E402 - bench/send.py holds the shared sink, database and process helpers.
+
+ARTICLES = 60
+
+
+def load_mixes(url: str, readers: int) -> None:
+    """Each reader's own mix: none (everything), or one to three of the categories, by their number."""
+    import psycopg
+
+    plain = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(plain) as conn, conn.cursor() as cur:
+        categories = [row[0] for row in cur.execute("SELECT id FROM categories ORDER BY position")]
+        ids = [row[0] for row in cur.execute("SELECT id FROM subscribers ORDER BY id")]
+        with cur.copy("COPY subscriber_categories (subscriber_id, category_id) FROM STDIN") as copy:
+            buffer = io.StringIO()
+            for n, subscriber_id in enumerate(ids):
+                if n % 6 == 0:
+                    continue  # chose none: wants every category
+                width = 1 + n % 3
+                start = (n // 3) % len(categories)
+                for k in range(width):
+                    buffer.write(f"{subscriber_id}\t{categories[(start + k) % len(categories)]}\n")
+            copy.write(buffer.getvalue())
+
+
+def add_articles(count: int) -> None:
+    from mailer import articles
+    from mailer.db import session_scope
+    from mailer.models import Category
+
+    with session_scope() as session:
+        names = [c.name for c in session.query(Category).order_by(Category.position)]
+        items = [articles.Incoming(
+            url=f"https://truthandresistance.example/articles/{i}",
+            title=f"Diplomacy watch {i}: envoys meet again as talks resume",
+            source="falmouthpacket.co.uk",
+            summary=f"<p>Leaders met for round {i}; observers called it a first step towards negotiations.</p>",
+            categories=tuple(names[(i + k) % len(names)] for k in range(1 + i % 2)),
+        ) for i in range(count)]
+        articles.ingest(session, items)
+
+
+def distinct_contents(campaign_id: int) -> int:
+    from mailer import digests
+    from mailer.db import session_scope
+    from mailer.models import Delivery
+
+    with session_scope() as session:
+        ids = [d for (d,) in session.query(Delivery.id).filter(Delivery.campaign_id == campaign_id)]
+        seen = set()
+        for start in range(0, len(ids), 5000):
+            seen.update(digests.contents(session, ids[start:start + 5000]).values())
+    return len(seen)
+
+
+def digest_run(env: dict[str, str], readers: int, workers: int) -> dict[str, float]:
+    import redis
+
+    redis.Redis.from_url(common.BROKER).flushdb()
+    os.environ.update(env)
+    from mailer.config import get_settings
+
+    get_settings.cache_clear()
+    from mailer import campaigns, digests
+    from mailer.db import session_scope
+    from mailer.models import Frequency
+
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ) for _ in range(workers)]
+    time.sleep(4)
+    cpu_before = sum(common.proc_stats(p.pid)[0] for p in processes)
+    started = time.perf_counter()
+    result = digests.run(Frequency.daily)
+    built = time.perf_counter() - started
+    assert result.campaign_id is not None
+    last_tick = time.perf_counter()
+    while True:
+        time.sleep(0.5)
+        with session_scope() as session:
+            progress = campaigns.progress(session, result.campaign_id)
+        if progress.status != "sending":
+            break
+        if time.perf_counter() - last_tick > 10:
+            campaigns.tick()
+            last_tick = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    stats = [common.proc_stats(p.pid) for p in processes]
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+    sent = progress.counts["sent"]
+    if progress.status != "finished" or sent != readers:
+        raise SystemExit(f"the digest run did not finish cleanly: {progress}")
+    return {"rate": sent / elapsed, "build_seconds": built, "seconds": elapsed,
+            "contents": distinct_contents(result.campaign_id),
+            "cpu_per_msg_ms": (sum(s[0] for s in stats) - cpu_before) / sent * 1000,
+            "worker_rss_mb": max(s[1] for s in stats) / 1024,
+            "builder_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readers", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=24)
+    args = parser.parse_args()
+
+    sink = common.Sink()
+    name, url = common.create_database()
+    try:
+        from mailer.migrate import upgrade
+
+        upgrade(url)
+        common.load_readers(url, args.readers)
+        load_mixes(url, args.readers)
+        env = {"MAILER_DATABASE_URL": url, "MAILER_BROKER_URL": common.BROKER,
+               "MAILER_SMTP_URL": f"smtp://127.0.0.1:{sink.port}", "MAILER_SECRET_KEY": "bench-" + "k" * 20,
+               "MAILER_BASE_URL": "https://news.example", "MAILER_FROM": "News <newsletter@news.example>",
+               "MAILER_SMTP_CONNECTIONS": str(args.connections), "MAILER_BATCH_SIZE": "500",
+               "MAILER_SEND_PARALLELISM": str(args.workers), "MAILER_LOG_LEVEL": "WARNING",
+               "MAILER_SCHEDULE_DIGESTS": "false"}
+        print(f"{args.readers:,} readers: the engine's own rate (a broadcast)…", flush=True)
+        broadcast = common.end_to_end(env, args.readers, args.workers)
+        add_articles(ARTICLES)
+        print(f"{args.readers:,} readers: building and sending their digests…", flush=True)
+        digest = digest_run(env, args.readers, args.workers)
+    finally:
+        from mailer.db import engine_for
+
+        engine_for(url).dispose()
+        common.drop_database(name)
+        sink.stop()
+    print()
+    print(f"broadcast end to end: {broadcast['rate']:,.0f} mails/s")
+    print(f"digests end to end:   {digest['rate']:,.0f} readers/s "
+          f"({digest['rate'] / broadcast['rate']:.2f} of the broadcast rate; build {digest['build_seconds']:.1f} s "
+          f"of {digest['seconds']:.1f} s)")
+    print(f"renders: {digest['contents']:,} distinct contents for {args.readers:,} readers "
+          f"(each rendered at most twice: with and without a name)")
+    print(f"CPU per digest {digest['cpu_per_msg_ms']:.3f} ms in the workers; peak RSS: builder "
+          f"{digest['builder_rss_mb']:.0f} MB, worker {digest['worker_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
