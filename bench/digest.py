@@ -16,7 +16,6 @@ import argparse
 import io
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,12 +91,7 @@ def digest_run(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
     from mailer.db import session_scope
     from mailer.models import Frequency
 
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ) for _ in range(workers)]
-    time.sleep(4)
+    processes = common.start_workers(env, workers)
     cpu_before = sum(common.proc_stats(p.pid)[0] for p in processes)
     started = time.perf_counter()
     result = digests.run(Frequency.daily)

@@ -129,6 +129,17 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
+def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen[bytes]]:
+    """Real `celery -A worker worker` processes, one task at a time each, as in production."""
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo", "--loglevel=WARNING",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ) for _ in range(count)]
+    time.sleep(4)  # Let the workers connect before the clock starts.
+    return processes
+
+
 def end_to_end(env: dict[str, str], readers: int, workers: int) -> dict[str, float]:
     import redis
 
@@ -144,12 +155,7 @@ def end_to_end(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
         campaign = campaigns.create(session, subject="This week: {{ name or 'reader' }}, sign our petition",
                                     html=article_html())
         campaign_id = campaign.id
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ) for _ in range(workers)]
-    time.sleep(4)  # Let the workers connect before the clock starts.
+    processes = start_workers(env, workers)
     cpu_before = sum(proc_stats(p.pid)[0] for p in processes)
     started = time.perf_counter()
     with session_scope() as session:
