@@ -131,17 +131,22 @@ def start(session: Session, campaign_id: int) -> bool:
     return started
 
 
-def start_materialised(session: Session, campaign_id: int) -> bool:
-    """Start a campaign whose deliveries were already made (a digest run); True if this call started it."""
-    started = _transition(session, campaign_id, CampaignStatus.sending, allowed={CampaignStatus.draft},
-                          started_at=utcnow())
-    if started:
-        campaign = _get(session, campaign_id)
-        campaign.total = store.delivery_counts(session, campaign_id)["pending"]
-        if campaign.total == 0:
-            campaign.status, campaign.finished_at = CampaignStatus.finished, utcnow()
-            campaign.status_reason = "Nobody had anything new."
-    return started
+def start_building(session: Session, campaign_id: int) -> bool:
+    """Start sending a digest run while its readers are still being added; True if this call started it."""
+    return _transition(session, campaign_id, CampaignStatus.sending, allowed={CampaignStatus.draft},
+                       started_at=utcnow(), building=True)
+
+
+def finish_building(session: Session, campaign_id: int) -> None:
+    """All readers are in: the campaign knows its total and may finish once they are sent."""
+    campaign = _get(session, campaign_id)
+    campaign.building = False
+    campaign.total = sum(store.delivery_counts(session, campaign_id).values())
+    if campaign.status is CampaignStatus.draft:
+        campaign.status, campaign.finished_at = CampaignStatus.finished, utcnow()
+        campaign.status_reason = "Nobody had anything new."
+    session.flush()
+    finish_if_done(session, campaign_id)
 
 
 def schedule(session: Session, campaign_id: int, at: datetime) -> None:
@@ -195,7 +200,8 @@ def finish_if_done(session: Session, campaign_id: int) -> bool:
     if store.has_open_work(session, campaign_id):
         return False
     return bool(session.execute(
-        update(Campaign).where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.sending)
+        update(Campaign).where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.sending,
+                               Campaign.building.is_(False))
         .values(status=CampaignStatus.finished, finished_at=utcnow())
     ).rowcount)  # type: ignore[attr-defined]
 

@@ -197,29 +197,36 @@ def run(frequency: Frequency, *, now: datetime | None = None,
                                     run_key=key, created_at=now)
                 session.add(campaign)
                 session.flush()
-            campaign_id, status = campaign.id, campaign.status
+            campaign_id, status, building = campaign.id, campaign.status, bool(campaign.building)
     except IntegrityError:
         # Another process made this period's run a moment ago; it carries on with it.
         return RunResult(None, 0, False)
-    if status is not CampaignStatus.draft:
+    if status is not CampaignStatus.draft and not building:
         return RunResult(campaign_id, 0, False)
-    last, total = 0, 0
+    # Sending starts with the first batch of readers and overlaps with adding the rest; the campaign
+    # cannot finish until every reader is in. A run that stopped halfway carries on from here.
+    settings = get_settings()
+    last, total, started = 0, 0, False
     while True:
         with session_scope() as session:
             campaign = session.get(Campaign, campaign_id)
             assert campaign is not None
             last_seen, made = _materialise(session, campaign, frequency, now, last)
         total += made
+        if made:
+            with session_scope() as session:
+                started = campaigns.start_building(session, campaign_id) or started
+                idle = not store.being_sent(session, campaign_id, worker_timeout=settings.worker_timeout)
+            if idle:
+                campaigns.kick(campaign_id)
         if progress:
             progress(total)
         if last_seen == last:
             break
         last = last_seen
     with session_scope() as session:
-        started = campaigns.start_materialised(session, campaign_id)
-    if started:
-        campaigns.kick(campaign_id)
-    return RunResult(campaign_id, total, started)
+        campaigns.finish_building(session, campaign_id)
+    return RunResult(campaign_id, total, started or building)
 
 
 def preview(email: str) -> render.Rendered | None:

@@ -222,6 +222,8 @@ class Campaign(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     # A digest run is one campaign per frequency and period ("daily:2026-11-25"): running it again finds it.
     run_key: Mapped[str | None] = mapped_column(String(60), default=None)
+    # True while a digest run is still adding readers: sending has begun, but the campaign cannot finish.
+    building: Mapped[bool] = mapped_column(default=False)
 
 
 class Delivery(Base):

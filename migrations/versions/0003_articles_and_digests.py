@@ -70,6 +70,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('campaigns', schema=None) as batch_op:
         batch_op.add_column(sa.Column('run_key', sa.String(length=60), nullable=True))
+        batch_op.add_column(sa.Column('building', sa.Boolean(), nullable=False, server_default=sa.false()))
         batch_op.create_unique_constraint('uq_campaigns_run_key', ['run_key'])
 
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
@@ -85,6 +86,7 @@ def downgrade() -> None:
 
     with op.batch_alter_table('campaigns', schema=None) as batch_op:
         batch_op.drop_constraint('uq_campaigns_run_key', type_='unique')
+        batch_op.drop_column('building')
         batch_op.drop_column('run_key')
 
     with op.batch_alter_table('digest_entries', schema=None) as batch_op:
