@@ -142,3 +142,21 @@ def test_refused_sender_pauses_and_blames_nobody(admin: TestClient, env: Callabl
         assert done["counts"]["sent"] == 30
     finally:
         controller.stop()
+
+
+def test_failover_to_the_next_server(admin: TestClient, env: Callable[..., None]) -> None:
+    """With several servers in MAILER_SMTP_URL, a server that refuses connections is skipped."""
+    from tests.conftest import free_port
+
+    handler, controller = start_faulty()
+    try:
+        dead = free_port()
+        env(smtp_url=f"smtp://127.0.0.1:{dead},smtp://127.0.0.1:{handler.port}", smtp_timeout="2")
+        make_readers(12)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        done = wait_until(admin, campaign_id)
+        assert done["counts"]["sent"] == 12
+        assert sum(handler.count(f"reader{i}@example.org") for i in range(12)) == 12
+    finally:
+        controller.stop()
