@@ -298,8 +298,8 @@ def tick() -> dict[str, int]:
 
     notices.requeue_stale()
     feeds.poll_due()
-    for frequency in digests.due(utcnow()):
-        digests.run(frequency)
+    for frequency, zone in digests.due(utcnow()):
+        digests.run(frequency, zone=zone)
     if swept or started or kicked:
         log.info("tick: %d claims handed back, started %s, restarted %s", swept, started, kicked)
     return {"swept": swept, "started": len(started), "kicked": len(kicked)}

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,31 +48,48 @@ READER_BATCH = 1000
 PER_CATEGORY = 10
 
 
-def local(now: datetime) -> datetime:
-    return now.astimezone(ZoneInfo(get_settings().timezone))
+def local(now: datetime, zone: str | None = None) -> datetime:
+    return now.astimezone(ZoneInfo(zone or get_settings().timezone))
 
 
-def run_key(frequency: Frequency, now: datetime) -> str:
-    """The period a run covers, in the site's time zone: one run per day, or per ISO week."""
-    today = local(now)
+def run_key(frequency: Frequency, now: datetime, zone: str | None = None) -> str:
+    """The period a run covers, in its readers' time zone: one run per day, or per ISO week, per zone.
+    Readers in the site's zone (zone None) have the plain key."""
+    today = local(now, zone)
+    suffix = f":{zone}" if zone else ""
     if frequency is Frequency.weekly:
         year, week, _ = today.isocalendar()
-        return f"weekly:{year}-W{week:02d}"
-    return f"daily:{today.date().isoformat()}"
+        return f"weekly:{year}-W{week:02d}{suffix}"
+    return f"daily:{today.date().isoformat()}{suffix}"
 
 
-def due(now: datetime) -> list[Frequency]:
-    """Frequencies whose run for this period should start now: at MAILER_DIGEST_HOUR in the site's
-    time zone (weekly ones on MAILER_DIGEST_WEEKDAY), and not yet made."""
+def zones(session: Session) -> list[str | None]:
+    """The site's zone (None) and every other zone a confirmed reader chose."""
+    site = get_settings().timezone
+    chosen = session.scalars(select(Subscriber.timezone).where(
+        Subscriber.status == Status.confirmed, Subscriber.timezone.is_not(None),
+        Subscriber.timezone != site).distinct())
+    return [None, *sorted(z for z in chosen if z)]
+
+
+def due(now: datetime) -> list[tuple[Frequency, str | None]]:
+    """(frequency, zone) runs that should start now: at MAILER_DIGEST_HOUR in that zone (weekly ones on
+    MAILER_DIGEST_WEEKDAY there), and not made yet."""
     settings = get_settings()
-    today = local(now)
-    if not settings.schedule_digests or today.hour < settings.digest_hour:
+    if not settings.schedule_digests:
         return []
-    wanted = [Frequency.daily] + ([Frequency.weekly] if today.weekday() == settings.digest_weekday else [])
     with session_scope() as session:
-        made = set(session.scalars(select(Campaign.run_key).where(
-            Campaign.run_key.in_([run_key(f, now) for f in wanted]))))
-    return [f for f in wanted if run_key(f, now) not in made]
+        candidates = []
+        for zone in zones(session):
+            today = local(now, zone)
+            if today.hour < settings.digest_hour:
+                continue
+            candidates.append((Frequency.daily, zone))
+            if today.weekday() == settings.digest_weekday:
+                candidates.append((Frequency.weekly, zone))
+        keys = {run_key(f, now, z): (f, z) for f, z in candidates}
+        made = set(session.scalars(select(Campaign.run_key).where(Campaign.run_key.in_(list(keys)))))
+    return [run for key, run in keys.items() if key not in made]
 
 
 @dataclass
@@ -131,12 +148,15 @@ def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef
 
 
 def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cutoff: datetime,
-                 after_id: int) -> tuple[int, int]:
+                 after_id: int, zone: str | None = None) -> tuple[int, int]:
     """One batch of readers; returns (last reader id seen, deliveries made). Reader ids walk upwards."""
     period = PERIOD[frequency]
+    in_zone = Subscriber.timezone == zone if zone else or_(
+        Subscriber.timezone.is_(None), Subscriber.timezone == get_settings().timezone)
     readers = session.execute(
         select(Subscriber.id, Subscriber.digest_cursor)
-        .where(Subscriber.status == Status.confirmed, Subscriber.frequency == frequency, Subscriber.id > after_id)
+        .where(Subscriber.status == Status.confirmed, Subscriber.frequency == frequency, Subscriber.id > after_id,
+               in_zone)
         .order_by(Subscriber.id).limit(READER_BATCH)
     ).all()
     if not readers:
@@ -183,11 +203,12 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
     return ids[-1], made
 
 
-def run(frequency: Frequency, *, now: datetime | None = None,
+def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None = None,
         progress: Callable[[int], None] | None = None) -> RunResult:
-    """Create (or find) this period's digest run, add the readers with something new, and start it."""
+    """Create (or find) this period's digest run for readers in a zone (None: the site's), add the readers
+    with something new, and start it."""
     now = now or utcnow()
-    key = run_key(frequency, now)
+    key = run_key(frequency, now, zone)
     try:
         with session_scope() as session:
             campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
@@ -211,7 +232,7 @@ def run(frequency: Frequency, *, now: datetime | None = None,
         with session_scope() as session:
             campaign = session.get(Campaign, campaign_id)
             assert campaign is not None
-            last_seen, made = _materialise(session, campaign, frequency, now, last)
+            last_seen, made = _materialise(session, campaign, frequency, now, last, zone)
         total += made
         if made:
             with session_scope() as session:

@@ -125,6 +125,8 @@ class Subscriber(Base):
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # Articles ingested up to this time have been considered for this reader's digests.
     digest_cursor: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The reader's time zone for the digest hour; None means the site's (MAILER_TIMEZONE).
+    timezone: Mapped[str | None] = mapped_column(String(64), default=None)
 
     categories: Mapped[list[Category]] = relationship(
         secondary=subscriber_categories, order_by=Category.position, lazy="selectin"

@@ -191,13 +191,37 @@ def test_digests_are_due_at_the_hour_in_the_site_time_zone(env: Callable[..., No
     monday_seven = datetime(2026, 11, 30, 7, 0, tzinfo=tokyo)
     tuesday = datetime(2026, 12, 1, 9, 0, tzinfo=tokyo)
     assert digests.due(monday_early) == []
-    assert digests.due(monday_seven) == [Frequency.daily, Frequency.weekly]
-    assert digests.due(tuesday) == [Frequency.daily]
+    assert digests.due(monday_seven) == [(Frequency.daily, None), (Frequency.weekly, None)]
+    assert digests.due(tuesday) == [(Frequency.daily, None)]
     # 23:30 UTC on Sunday is already Monday morning in Tokyo.
     assert digests.run_key(Frequency.daily, datetime(2026, 11, 29, 23, 30, tzinfo=ZoneInfo("UTC"))) == \
         "daily:2026-11-30"
     digests.run(Frequency.daily, now=monday_seven)
-    assert digests.due(monday_seven) == [Frequency.weekly]
+    assert digests.due(monday_seven) == [(Frequency.weekly, None)]
+
+
+def test_readers_get_their_digest_at_the_hour_in_their_own_zone(admin: TestClient, smtp: SmtpSink,
+                                                                env: Callable[..., None]) -> None:
+    """A reader in Tokyo gets the daily digest at 07:00 Tokyo time, New York readers at 07:00 there."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    env(schedule_digests="true", timezone="America/New_York", digest_hour="7", digest_weekday="6")
+    admin.post("/api/subscribers", json={"email": "tokyo@example.org", "confirmed": True, "timezone": "Asia/Tokyo"})
+    make_readers(1, prefix="newyork")
+    bad = admin.post("/api/subscribers", json={"email": "x@example.org", "confirmed": True, "timezone": "Mars/Base"})
+    assert bad.status_code == 422
+    tokyo_morning = datetime(2026, 12, 1, 7, 5, tzinfo=ZoneInfo("Asia/Tokyo"))  # 17:05 the day before in New York
+    add(admin, article(1, "Peace & Diplomacy"))
+    with session_scope() as session:
+        session.execute(update(Article).values(ingested_at=tokyo_morning - timedelta(hours=1)))
+    assert digests.due(tokyo_morning) == [(Frequency.daily, None), (Frequency.daily, "Asia/Tokyo")]
+    tokyo_only = digests.due(tokyo_morning.replace(hour=7).astimezone(ZoneInfo("America/New_York"))
+                             .replace(hour=6))
+    assert tokyo_only == [(Frequency.daily, "Asia/Tokyo")]
+    result = digests.run(Frequency.daily, now=tokyo_morning, zone="Asia/Tokyo")
+    wait_until(admin, result.campaign_id)
+    assert [m.recipients[0] for m in smtp.wait_for(1)] == ["tokyo@example.org"]
 
 
 def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:

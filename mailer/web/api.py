@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 
 from mailer import queue, store, subscriptions
@@ -79,6 +79,20 @@ class SubscriberIn(BaseModel):
     source: str = Field(default="admin-api", min_length=1, max_length=200,
                         description="Where the consent was given, e.g. 'event sign-up sheet 2025-08-15'.")
     send_welcome: bool = False
+    timezone: str | None = Field(default=None, max_length=64,
+                                 description="For the digest hour, e.g. Europe/London; default the site's.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{value!r} is not a time zone such as Europe/London") from None
+        return value or None
 
 
 @router.get("/categories")
@@ -128,6 +142,7 @@ def add_subscriber(body: SubscriberIn, request: Request) -> SubscriberOut:
                     choices=Choices(name=body.name, categories=tuple(body.categories), frequency=body.frequency),
                     confirmed=body.confirmed, source=body.source, welcome=body.send_welcome, origin=origin,
                 )
+                subscriber.timezone = body.timezone
                 out = SubscriberOut.of(subscriber)
                 notice_id = notice.id if notice else None
             break
