@@ -7,9 +7,13 @@ import urllib.error
 import urllib.request
 from datetime import timedelta
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from mailer import articles
 from mailer.config import get_settings
 from mailer.db import session_scope
+from mailer.errors import InvalidInput, NotFound
 from mailer.models import Feed, utcnow
 
 log = logging.getLogger(__name__)
@@ -20,7 +24,7 @@ def poll(url: str) -> articles.Report:
     settings = get_settings()
     report = articles.Report()
     with session_scope() as session:
-        feed = session.get(Feed, url) or Feed(url=url, status="")
+        feed = session.get(Feed, url) or Feed(url=url, status="", added=False)
         session.add(feed)
         headers = {"User-Agent": "mailer/0.1 (+feed poller)"}
         if feed.etag:
@@ -52,12 +56,42 @@ def poll(url: str) -> articles.Report:
     return report
 
 
+def all_feeds(session: Session) -> list[tuple[Feed, bool]]:
+    """Feeds from MAILER_FEEDS (marked True) and those added through the API, with their last poll."""
+    configured = get_settings().feeds
+    stored = {feed.url: feed for feed in session.scalars(select(Feed).order_by(Feed.url))}
+    listed = [(stored.get(url) or Feed(url=url, status="not polled yet"), True) for url in configured]
+    return listed + [(feed, False) for url, feed in stored.items() if url not in configured and feed.added]
+
+
+def add(session: Session, url: str) -> Feed:
+    clean = articles.clean_url(url)
+    if clean is None:
+        raise InvalidInput("url", "A feed must be an absolute http(s) URL.")
+    feed = session.get(Feed, clean)
+    if feed is None:
+        feed = Feed(url=clean, status="not polled yet", added=True)
+        session.add(feed)
+    feed.added = True
+    session.flush()
+    return feed
+
+
+def remove(session: Session, url: str) -> None:
+    feed = session.get(Feed, url)
+    if feed is None or not feed.added:
+        raise NotFound("There is no feed with that URL added through the API.")
+    feed.added = False
+
+
 def poll_due() -> int:
-    """Poll every configured feed whose last poll is older than MAILER_FEED_POLL_MINUTES."""
+    """Poll every feed (MAILER_FEEDS and added ones) whose last poll is older than MAILER_FEED_POLL_MINUTES."""
     settings = get_settings()
     due_before = utcnow() - timedelta(minutes=settings.feed_poll_minutes)
+    with session_scope() as session:
+        added = list(session.scalars(select(Feed.url).where(Feed.added.is_(True))))
     polled = 0
-    for url in settings.feeds:
+    for url in dict.fromkeys([*settings.feeds, *added]):
         with session_scope() as session:
             feed = session.get(Feed, url)
             if feed is not None and feed.polled_at is not None and feed.polled_at > due_before:

@@ -335,3 +335,5 @@ class Feed(Base):
     last_modified: Mapped[str | None] = mapped_column(String(100), default=None)
     polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     status: Mapped[str] = mapped_column(Text, default="")
+    # Added through the admin API (feeds from MAILER_FEEDS are polled whatever this says).
+    added: Mapped[bool] = mapped_column(default=False)

@@ -35,6 +35,7 @@ from mailer.models import (
     ConsentEvent,
     Delivery,
     DigestEntry,
+    Feed,
     Notice,
     Subscriber,
     Suppression,
@@ -173,7 +174,7 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 
 def empty_tables() -> None:
     with session_scope() as session:
-        for table in (DigestEntry.__table__, article_categories, Article.__table__,
+        for table in (Feed.__table__, DigestEntry.__table__, article_categories, Article.__table__,
                       Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
                       subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
             session.execute(delete(table))

@@ -269,3 +269,15 @@ def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[...,
             assert session.get(Feed, url).status == "not modified"
     finally:
         server.shutdown()
+
+
+def test_feeds_are_managed_through_the_api(admin: TestClient, env: Callable[..., None]) -> None:
+    """Admins add and remove polled feeds; MAILER_FEEDS ones are listed as configured; bad input is a 4xx."""
+    env(feeds="https://wire.example/rss")
+    assert admin.post("/api/feeds", json={"url": "ftp://x.example/feed"}).status_code == 422
+    assert admin.post("/api/feeds", json={"url": "https://packet.example/feed.xml"}).status_code == 201
+    listed = {f["url"]: f["configured"] for f in admin.get("/api/feeds").json()}
+    assert listed == {"https://wire.example/rss": True, "https://packet.example/feed.xml": False}
+    assert admin.delete("/api/feeds", params={"url": "https://nowhere.example/"}).status_code == 404
+    assert admin.delete("/api/feeds", params={"url": "https://packet.example/feed.xml"}).status_code == 204
+    assert [f["url"] for f in admin.get("/api/feeds").json()] == ["https://wire.example/rss"]

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailer import articles, digests
+from mailer import articles, digests, feeds
 from mailer.db import session_scope
 from mailer.models import Frequency
 from mailer.web.api import require_admin
@@ -76,3 +76,35 @@ def preview(email: Annotated[str, Query(max_length=320)]) -> PreviewOut | None:
     if rendered is None:
         return None
     return PreviewOut(subject=rendered.subject, text=rendered.text, html=rendered.html)
+
+
+class FeedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=1, max_length=2000, description="An http(s) RSS, Atom or JSON Feed URL.")
+
+
+class FeedOut(BaseModel):
+    url: str
+    polled_at: datetime | None
+    status: str
+    configured: bool = Field(description="True when it comes from MAILER_FEEDS rather than the API.")
+
+
+@router.get("/feeds")
+def list_feeds() -> list[FeedOut]:
+    with session_scope() as session:
+        return [FeedOut(url=f.url, polled_at=f.polled_at, status=f.status, configured=configured)
+                for f, configured in feeds.all_feeds(session)]
+
+
+@router.post("/feeds", status_code=201)
+def add_feed(body: FeedIn) -> FeedOut:
+    with session_scope() as session:
+        feed = feeds.add(session, body.url)
+        return FeedOut(url=feed.url, polled_at=feed.polled_at, status=feed.status, configured=False)
+
+
+@router.delete("/feeds", status_code=204)
+def remove_feed(url: Annotated[str, Query(max_length=2000)]) -> None:
+    with session_scope() as session:
+        feeds.remove(session, url)

@@ -45,6 +45,7 @@ def upgrade() -> None:
     sa.Column('last_modified', sa.String(length=100), nullable=True),
     sa.Column('polled_at', mailer.models.UTCDateTime(), nullable=True),
     sa.Column('status', sa.Text(), nullable=False),
+    sa.Column('added', sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.PrimaryKeyConstraint('url')
     )
     op.create_table('article_categories',
