@@ -190,16 +190,34 @@ def resend_confirmation(session: Session, *, subscriber_id: int, origin: Origin)
     return _queue_confirmation(session, subscriber)
 
 
-def update_preferences(session: Session, *, subscriber: Subscriber, choices: Choices, origin: Origin) -> None:
+def check_timezone(value: str | None) -> str | None:
+    """A time zone name such as Europe/London, or None for the site's."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidInput("timezone", f"{value[:64]!r} is not a time zone; pick one such as Europe/London.") \
+            from None
+    return value
+
+
+def update_preferences(session: Session, *, subscriber: Subscriber, choices: Choices, origin: Origin,
+                       timezone: str | None = None) -> None:
     before = {
         "name": subscriber.name,
         "categories": [c.slug for c in subscriber.categories],
         "frequency": str(subscriber.frequency),
+        "timezone": subscriber.timezone,
     }
     _apply_choices(session, subscriber, choices)
+    subscriber.timezone = check_timezone(timezone)
     _record(session, subscriber, "preferences", origin, before=before,
             after={"name": subscriber.name, "categories": list(choices.categories),
-                   "frequency": str(subscriber.frequency)})
+                   "frequency": str(subscriber.frequency), "timezone": subscriber.timezone})
 
 
 def unsubscribe(session: Session, *, subscriber_id: int, origin: Origin) -> Subscriber:

@@ -130,6 +130,16 @@ def test_preferences_change_with_csrf_token_only(client: TestClient, smtp: SmtpS
     saved_choices = (row.name, row.frequency.value, [c.slug for c in row.categories])
     assert saved_choices == ("Pat", "weekly", ["peace-and-diplomacy"])
 
+    zoned = client.post(link, data={"csrf_token": csrf, "name": "Pat", "frequency": "weekly",
+                                    "categories": ["peace-and-diplomacy"], "timezone": "Europe/London"})
+    assert zoned.status_code == 200
+    assert subscriber_row("prefs@example.org").timezone == "Europe/London"
+    assert 'value="Europe/London"' in client.get(link).text
+    mars = client.post(link, data={"csrf_token": csrf, "frequency": "weekly", "timezone": "Mars/Base"})
+    assert mars.status_code == 422
+    assert "is not a time zone" in mars.text
+    assert subscriber_row("prefs@example.org").timezone == "Europe/London"
+
     unknown = client.post(link, data={"csrf_token": csrf, "frequency": "weekly", "categories": ["nope"]})
     assert unknown.status_code == 422
     assert "Unknown category: nope" in unknown.text

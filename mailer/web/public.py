@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from zoneinfo import available_timezones
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +26,9 @@ from mailer.web.clients import allow_signup, client_ip
 router = APIRouter()
 templates = Jinja2Templates(directory=TEMPLATES_DIR / "web")
 GET_HEAD = ["GET", "HEAD"]
+FIELDS = ("email", "name", "frequency", "website", "csrf_token", "timezone")
+# Offered on the preference form; any IANA name typed in is accepted too.
+ZONES = sorted(z for z in available_timezones() if "/" in z and not z.startswith(("Etc/", "SystemV/")))
 MAX_CATEGORIES = 200
 SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 
@@ -72,11 +76,11 @@ async def read_choices(request: Request) -> dict[str, Any]:
         categories = body.get("categories") or []
         if isinstance(categories, str) or not isinstance(categories, list):
             raise InvalidInput("categories", "Categories must be a list of category slugs.")
-        fields: dict[str, Any] = {key: body.get(key) for key in ("email", "name", "frequency", "website", "csrf_token")}
+        fields: dict[str, Any] = {key: body.get(key) for key in FIELDS}
         fields["categories"] = categories
     else:
         form = await request.form()
-        fields = {key: form.get(key) for key in ("email", "name", "frequency", "website", "csrf_token")}
+        fields = {key: form.get(key) for key in FIELDS}
         fields["categories"] = form.getlist("categories")
     for key, value in fields.items():
         if key != "categories" and value is not None and not isinstance(value, str):
@@ -253,6 +257,7 @@ def _preferences_page(request: Request, token: str, *, saved: bool = False, erro
             "name": subscriber.name,
             "categories": [c.slug for c in subscriber.categories],
             "frequency": subscriber.frequency.value,
+            "timezone": subscriber.timezone or "",
         }
         context = {
             "email": subscriber.email,
@@ -264,6 +269,8 @@ def _preferences_page(request: Request, token: str, *, saved: bool = False, erro
             "csrf_token": tokens.csrf_token(subscriber.id),
             "action": f"{settings.base_url}/preferences/{token}",
             "unsubscribe_action": tokens.urls(subscriber.id)["unsubscribe_url"],
+            "zones": ZONES,
+            "site_zone": settings.timezone,
         }
     return page(request, "preferences.html", context, status_code)
 
@@ -289,6 +296,7 @@ async def preferences(request: Request, token: str) -> Response:
             if subscriber is None:
                 return token_error_page(request, NotFound("This subscription no longer exists."))
             subscriptions.update_preferences(session, subscriber=subscriber, choices=choices,
+                                             timezone=fields.get("timezone"),
                                              origin=origin(request, "preferences-page"))
     except BadToken:
         return _preferences_page(request, token, status_code=400,
