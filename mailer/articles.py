@@ -29,6 +29,7 @@ ALLOWED_TAGS = {"p", "br", "b", "strong", "i", "em", "a", "ul", "ol", "li", "blo
 MAX_TITLE = 500
 MAX_SUMMARY = 5_000
 MAX_FEED_BYTES = 20_000_000
+MAX_URL = 2000
 
 
 @dataclass
@@ -61,11 +62,16 @@ def clean_url(raw: str | None, base: str | None = None) -> str | None:
     """An absolute http(s) URL without its fragment, or None (javascript:, data:, relative without a base…)."""
     if not raw or not isinstance(raw, str):
         return None
-    url = urljoin(base, raw.strip()) if base else raw.strip()
-    parts = urlsplit(url)
+    try:
+        url = urljoin(base, raw.strip()) if base else raw.strip()
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it rejects a port that is not a number.
+    except ValueError:
+        return None
     if parts.scheme.lower() not in {"http", "https"} or not parts.netloc or any(ch.isspace() for ch in url):
         return None
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", parts.query, ""))
+    cleaned = urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", parts.query, ""))
+    return cleaned if len(cleaned) <= MAX_URL else None
 
 
 def plain_text(raw: str | None, limit: int) -> str:
@@ -83,12 +89,22 @@ def safe_summary(raw: str | None, base: str | None = None) -> str:
             return clean_url(value, base)
         return None
 
-    cleaned = nh3.clean(raw or "", tags=ALLOWED_TAGS, attributes={"a": {"href"}}, url_schemes={"http", "https"},
-                        attribute_filter=keep_link, link_rel="noopener noreferrer")
-    return cleaned[:MAX_SUMMARY]
+    # Cut before cleaning: cutting cleaned HTML could leave an open tag or attribute behind.
+    cleaned = nh3.clean((raw or "")[:MAX_SUMMARY], tags=ALLOWED_TAGS, attributes={"a": {"href"}},
+                        url_schemes={"http", "https"}, attribute_filter=keep_link, link_rel="noopener noreferrer")
+    return str(cleaned)
 
 
 def parse_time(value: Any) -> datetime | None:
+    """A time-zone-aware time from a datetime, a feedparser time tuple, ISO 8601 or RFC 2822; else None."""
+    try:
+        parsed = _parse_time(value)
+        return parsed.astimezone(UTC) if parsed is not None else None
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, tuple | list) and len(value) >= 6:
@@ -111,7 +127,7 @@ def _category_map(session: Session) -> dict[str, Category]:
 def _categories(session: Session, names: Iterable[str], known: dict[str, Category], *, create: bool) -> list[Category]:
     found: list[Category] = []
     for name in names:
-        slug = slugify(name)
+        slug = slugify(name)[:120].rstrip("-")
         if not slug:
             continue
         category = known.get(slug)
@@ -132,7 +148,7 @@ def ingest(session: Session, items: Iterable[Incoming], *, create_categories: bo
     Pass the report the source was read into, so one report tells the whole import."""
     report = report or Report()
     known = _category_map(session)
-    for count, item in enumerate(items, 1):
+    for count, item in enumerate(_guarded(items, report), 1):
         url = clean_url(item.url)
         title = plain_text(item.title, MAX_TITLE)
         if url is None:
@@ -155,10 +171,25 @@ def ingest(session: Session, items: Iterable[Incoming], *, create_categories: bo
         article.summary = safe_summary(item.summary, url)
         article.image_url = clean_url(item.image_url, url)
         article.categories = _categories(session, item.categories, known, create=create_categories)
-        session.flush()
+        # Each article is committed on its own, so a digest run never misses one still in a long import.
+        session.commit()
         if progress:
             progress(count)
     return report
+
+
+def _guarded(items: Iterable[Incoming], report: Report) -> Iterator[Incoming]:
+    """Items from a source, skipping (with a reason) any that a malformed entry made unreadable."""
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as error:
+            report.skipped.append(("?", f"unreadable item: {type(error).__name__}: {error}"))
+            continue
+        yield item
 
 
 # --- Reading sources -------------------------------------------------------------------------------
@@ -172,7 +203,8 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
             if not isinstance(entry, dict):
                 report.skipped.append(("?", "an item is not an object"))
                 continue
-            author = entry.get("author") or (entry.get("authors") or [{}])[0]
+            authors = entry.get("authors")
+            author = entry.get("author") or (authors[0] if isinstance(authors, list) and authors else {})
             yield Incoming(
                 url=clean_url(entry.get("url") or entry.get("external_url"), base) or str(entry.get("url")),
                 title=str(entry.get("title") or ""),
@@ -180,7 +212,7 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
                 published_at=parse_time(entry.get("date_published")),
                 summary=str(entry.get("summary") or entry.get("content_html") or entry.get("content_text") or ""),
                 image_url=entry.get("image"),
-                categories=tuple(str(t) for t in entry.get("tags") or [] if isinstance(t, str)),
+                categories=tuple(str(t) for t in _listed(entry.get("tags")) if isinstance(t, str)),
                 source=str(data.get("title") or ""),
             )
         return
@@ -189,7 +221,7 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
         if not isinstance(entry, dict):
             report.skipped.append(("?", "an item is not an object"))
             continue
-        categories = entry.get("categories") or []
+        categories = _listed(entry.get("categories"))
         yield Incoming(
             url=str(entry.get("url") or ""),
             title=str(entry.get("title") or ""),
@@ -198,7 +230,7 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
             published_at=parse_time(entry.get("published_at") or entry.get("published")),
             summary=str(entry.get("summary") or ""),
             image_url=entry.get("image_url") or entry.get("image"),
-            categories=tuple(str(c) for c in categories if isinstance(c, str)) if isinstance(categories, list) else (),
+            categories=tuple(str(c) for c in categories if isinstance(c, str)),
         )
 
 
@@ -229,6 +261,10 @@ def from_feed(content: bytes, report: Report, *, base: str | None = None) -> Ite
             image_url=media[0].get("url") if media and isinstance(media[0], dict) else None,
             categories=tuple(t.get("term", "") for t in entry.get("tags", []) if t.get("term")),
         )
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def read_source(content: bytes, report: Report, *, base: str | None = None) -> Iterator[Incoming]:

@@ -132,9 +132,13 @@ def start(session: Session, campaign_id: int) -> bool:
 
 
 def start_building(session: Session, campaign_id: int) -> bool:
-    """Start sending a digest run while its readers are still being added; True if this call started it."""
-    return _transition(session, campaign_id, CampaignStatus.sending, allowed={CampaignStatus.draft},
-                       started_at=utcnow(), building=True)
+    """Start sending a digest run while its readers are still being added; True if this call started it.
+    A run already sending, paused or cancelled meanwhile keeps its status: the readers are still added."""
+    changed = session.execute(
+        update(Campaign).where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.draft)
+        .values(status=CampaignStatus.sending, started_at=utcnow(), building=True)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(changed)
 
 
 def finish_building(session: Session, campaign_id: int) -> None:
@@ -204,6 +208,13 @@ def finish_if_done(session: Session, campaign_id: int) -> bool:
                                Campaign.building.is_(False))
         .values(status=CampaignStatus.finished, finished_at=utcnow())
     ).rowcount)  # type: ignore[attr-defined]
+
+
+def _digests_due() -> None:
+    from mailer import digests
+
+    for frequency, zone in digests.due(utcnow()):
+        digests.run(frequency, zone=zone)
 
 
 def kick(campaign_id: int) -> None:
@@ -294,12 +305,14 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
-    from mailer import digests, feeds, notices
+    from mailer import feeds, notices
 
-    notices.requeue_stale()
-    feeds.poll_due()
-    for frequency, zone in digests.due(utcnow()):
-        digests.run(frequency, zone=zone)
+    # Each chore stands alone: one failing (a hostile feed, say) must not stop the others.
+    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due):
+        try:
+            chore()
+        except Exception:
+            log.exception("tick: %s failed", getattr(chore, "__name__", chore))
     if swept or started or kicked:
         log.info("tick: %d claims handed back, started %s, restarted %s", swept, started, kicked)
     return {"swept": swept, "started": len(started), "kicked": len(kicked)}

@@ -32,12 +32,13 @@ def _fetch(location: str) -> bytes:
 @articles_app.command("import")
 def import_articles(
     location: Annotated[str, typer.Argument(help="A file or http(s) URL: RSS 2.0, Atom, JSON Feed or a JSON list.")],
-    create_categories: Annotated[bool, typer.Option(help="Create categories the site does not have yet.")] = False,
+    create_categories: Annotated[bool | None, typer.Option(
+        help="Create categories the site does not have yet (default: MAILER_CREATE_CATEGORIES).")] = None,
 ) -> None:
     """Import articles; shows progress and ends with what was new, updated and skipped."""
     try:
         content = _fetch(location)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # Whatever the network or the file system says, the user gets one line.
         typer.secho(f"Error: cannot read {location}: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     report = articles.Report()
@@ -46,7 +47,8 @@ def import_articles(
         with session_scope() as session:
             base = location if articles.is_url(location) else None
             articles.ingest(session, articles.read_source(content, report, base=base),
-                            create_categories=create_categories, report=report,
+                            create_categories=get_settings().create_categories if create_categories is None
+                            else create_categories, report=report,
                             progress=lambda n: bar.update(task, description=f"importing… {n} items"))
     for problem in report.problems:
         console.print(f"[yellow]warning:[/yellow] {problem}")

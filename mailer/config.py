@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     feeds: Annotated[list[str], NoDecode] = []
     feed_poll_minutes: float = Field(default=15.0, gt=0)
     create_categories: bool = False
+    digest_per_category: int = Field(default=10, ge=1, le=100)
+    first_digest_hours: float = Field(default=0.0, ge=0, description="0: one period of the reader's frequency")
+    # A run takes articles ingested up to this long before it starts, so an import still committing is
+    # never skipped by a reader's cursor.
+    digest_grace_seconds: float = Field(default=30.0, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 class Job:
     claim: Claim
     reader: ReaderRow
-    content: Content | None = None
+    # A digest job holds its own renders, so evicting them from the cache never pulls them from under it.
+    variants: Variants | None = None
 
 
 class Templates:
@@ -62,20 +63,21 @@ class Templates:
             content = found.get(job.claim.delivery_id)
             if content is None:
                 continue
-            if content in self.digests:
+            variants = self.digests.get(content)
+            if variants is not None:
                 self.digests.move_to_end(content)
             else:
-                self.digests[content] = digests.render_content(session, content)
+                variants = self.digests[content] = digests.render_content(session, content)
                 if len(self.digests) > self.KEEP:
                     self.digests.popitem(last=False)
-            ready.append(Job(job.claim, job.reader, content))
+            ready.append(Job(job.claim, job.reader, variants))
         return ready
 
     def for_job(self, job: Job) -> Variants:
-        if job.content is None:
+        if job.variants is None:
             assert self.broadcast is not None
             return self.broadcast
-        return self.digests[job.content]
+        return job.variants
 
 
 class FailureWindow:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PERIOD = {Frequency.daily: timedelta(days=1), Frequency.weekly: timedelta(days=7)}
 READER_BATCH = 1000
-PER_CATEGORY = 10
+STALE_BUILD_MINUTES = 30
 
 
 def local(now: datetime, zone: str | None = None) -> datetime:
@@ -88,7 +88,11 @@ def due(now: datetime) -> list[tuple[Frequency, str | None]]:
             if today.weekday() == settings.digest_weekday:
                 candidates.append((Frequency.weekly, zone))
         keys = {run_key(f, now, z): (f, z) for f, z in candidates}
-        made = set(session.scalars(select(Campaign.run_key).where(Campaign.run_key.in_(list(keys)))))
+        # A run whose builder died (still draft or building long after it began) is offered again.
+        stale = now - timedelta(minutes=STALE_BUILD_MINUTES)
+        made = set(session.scalars(select(Campaign.run_key).where(
+            Campaign.run_key.in_(list(keys)),
+            ~((Campaign.status == CampaignStatus.draft) | Campaign.building) | (Campaign.created_at > stale))))
     return [run for key, run in keys.items() if key not in made]
 
 
@@ -118,15 +122,14 @@ def _articles_since(session: Session, since: datetime, until: datetime) -> list[
 def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Frequency | None = None,
          received: set[int] | None = None) -> tuple[list[Section], dict[int, datetime]]:
     """One reader's next digest, without recording anything (used by preview)."""
-    period = PERIOD[frequency or reader.frequency]
-    since = reader.digest_cursor or now - period
+    since = reader.digest_cursor or now - first_window(frequency or reader.frequency)
     articles = _articles_since(session, since, now)
     if received is None:
         received = _received(session, [reader.id], articles)[reader.id]
     order = [c.id for c in store.categories(session)]
     chosen = [c.id for c in reader.categories]
     sections = build(chosen=chosen, category_order=order, articles=articles, received=received,
-                     per_category=PER_CATEGORY)
+                     per_category=get_settings().digest_per_category)
     return sections, {a.id: a.when for a in articles}
 
 
@@ -147,10 +150,17 @@ def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef
     return received
 
 
+def first_window(frequency: Frequency) -> timedelta:
+    """How far back a reader's first digest reaches: MAILER_FIRST_DIGEST_HOURS, or one period."""
+    hours = get_settings().first_digest_hours
+    return timedelta(hours=hours) if hours else PERIOD[frequency]
+
+
 def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cutoff: datetime,
                  after_id: int, zone: str | None = None) -> tuple[int, int]:
     """One batch of readers; returns (last reader id seen, deliveries made). Reader ids walk upwards."""
-    period = PERIOD[frequency]
+    period = first_window(frequency)
+    per_category = get_settings().digest_per_category
     in_zone = Subscriber.timezone == zone if zone else or_(
         Subscriber.timezone.is_(None), Subscriber.timezone == get_settings().timezone)
     readers = session.execute(
@@ -181,16 +191,20 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
         since = cursor or cutoff - period
         fresh = [a for a in articles if a.ingested is not None and a.ingested > since]
         sections = build(chosen=chosen.get(subscriber_id, []), category_order=order, articles=fresh,
-                         received=received[subscriber_id], per_category=PER_CATEGORY)
+                         received=received[subscriber_id], per_category=per_category)
         if sections:
             planned.append((subscriber_id, sections))
     made = 0
     if planned:
+        # ON CONFLICT DO NOTHING: a second process building the same run at the same moment adds nobody
+        # twice, and only the rows this one inserted get ledger entries.
         rows = session.execute(
-            insert(Delivery).returning(Delivery.id, Delivery.subscriber_id),
-            [{"campaign_id": campaign.id, "subscriber_id": s, "state": DeliveryState.pending.value, "attempts": 0}
-             for s, _ in planned],
+            store.insert_for(session)(Delivery).values(
+                [{"campaign_id": campaign.id, "subscriber_id": s, "state": DeliveryState.pending.value,
+                  "attempts": 0} for s, _ in planned]
+            ).on_conflict_do_nothing().returning(Delivery.id, Delivery.subscriber_id)
         ).all()
+        planned = [(s, sections) for s, sections in planned if s in {row[1] for row in rows}]
         delivery_of = {subscriber_id: delivery_id for delivery_id, subscriber_id in rows}
         session.execute(insert(DigestEntry), [
             {"delivery_id": delivery_of[subscriber_id], "subscriber_id": subscriber_id, "created_at": cutoff,
@@ -209,6 +223,7 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
     with something new, and start it."""
     now = now or utcnow()
     key = run_key(frequency, now, zone)
+    cutoff = now - timedelta(seconds=get_settings().digest_grace_seconds)
     try:
         with session_scope() as session:
             campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
@@ -227,26 +242,32 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
     # Sending starts with the first batch of readers and overlaps with adding the rest; the campaign
     # cannot finish until every reader is in. A run that stopped halfway carries on from here.
     settings = get_settings()
-    last, total, started = 0, 0, False
-    while True:
-        with session_scope() as session:
-            campaign = session.get(Campaign, campaign_id)
-            assert campaign is not None
-            last_seen, made = _materialise(session, campaign, frequency, now, last, zone)
-        total += made
-        if made:
+    last, total, started, walked = 0, 0, False, False
+    try:
+        while True:
             with session_scope() as session:
-                started = campaigns.start_building(session, campaign_id) or started
-                idle = not store.being_sent(session, campaign_id, worker_timeout=settings.worker_timeout)
-            if idle:
-                campaigns.kick(campaign_id)
-        if progress:
-            progress(total)
-        if last_seen == last:
-            break
-        last = last_seen
-    with session_scope() as session:
-        campaigns.finish_building(session, campaign_id)
+                campaign = session.get(Campaign, campaign_id)
+                assert campaign is not None
+                last_seen, made = _materialise(session, campaign, frequency, cutoff, last, zone)
+            total += made
+            if made:
+                with session_scope() as session:
+                    started = campaigns.start_building(session, campaign_id) or started
+                    idle = not store.being_sent(session, campaign_id, worker_timeout=settings.worker_timeout)
+                if idle:
+                    campaigns.kick(campaign_id)
+            if progress:
+                progress(total)
+            if last_seen == last:
+                walked = True
+                break
+            last = last_seen
+    finally:
+        # A walk over every reader lets the campaign finish. One that stopped early leaves it building:
+        # running the period again (due() offers it again later) carries on where it stopped.
+        if walked:
+            with session_scope() as session:
+                campaigns.finish_building(session, campaign_id)
     return RunResult(campaign_id, total, started or building)
 
 

@@ -45,13 +45,21 @@ def poll(url: str) -> articles.Report:
             feed.status = f"HTTP {error.code}"
             report.problems.append(f"{url}: HTTP {error.code}")
             return report
-        except (OSError, ValueError) as error:
-            feed.status = f"unreachable: {error}"
+        except Exception as error:
+            # Anything a hostile server can make urllib raise is this feed's problem, reported on it.
+            feed.status = f"unreachable: {type(error).__name__}: {error}"[:500]
             report.problems.append(f"{url}: {error}")
             return report
+        polled_at = feed.polled_at
+    # The feed's state is committed first, so a broken import cannot make it fail on every tick.
+    with session_scope() as session:
         articles.ingest(session, articles.read_source(content, report, base=url),
                         create_categories=settings.create_categories, report=report)
-        feed.status = report.summary()
+    with session_scope() as session:
+        stored = session.get(Feed, url)
+        if stored is not None:
+            stored.polled_at = polled_at
+            stored.status = report.summary()[:500]
     log.info("feed %s: %s", url, report.summary())
     return report
 

@@ -117,7 +117,7 @@ def finish_notice(
 # --- Campaigns and deliveries --------------------------------------------------------------------
 
 
-def _insert(session: Session) -> Any:
+def insert_for(session: Session) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both SQLite and PostgreSQL."""
     if session.get_bind().dialect.name == "postgresql":
         return pg_insert
@@ -149,7 +149,7 @@ def materialise_deliveries(session: Session, campaign_id: int, categories: Seque
         literal(DeliveryState.pending.value).label("state"),
         literal(0).label("attempts"),
     )
-    insert = _insert(session)(Delivery).from_select(
+    insert = insert_for(session)(Delivery).from_select(
         ["subscriber_id", "campaign_id", "state", "attempts"], readers
     ).on_conflict_do_nothing()
     session.execute(insert)
@@ -298,7 +298,7 @@ def is_suppressed(session: Session, email_hashes: Iterable[str]) -> set[str]:
 
 def add_suppression(session: Session, *, email_hash: str, email: str | None, reason: str, detail: str) -> None:
     session.execute(
-        _insert(session)(Suppression)
+        insert_for(session)(Suppression)
         .values(email_hash=email_hash, email=email, reason=reason, detail=detail, created_at=utcnow())
         .on_conflict_do_nothing()
     )

@@ -169,6 +169,8 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
         "MAILER_BROKER_URL": "",
         # Tests start digest runs themselves; the tick must not start one because of the hour.
         "MAILER_SCHEDULE_DIGESTS": "false",
+        # Tests add articles and run digests within the same second.
+        "MAILER_DIGEST_GRACE_SECONDS": "0",
     }
 
 

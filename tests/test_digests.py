@@ -281,3 +281,36 @@ def test_feeds_are_managed_through_the_api(admin: TestClient, env: Callable[...,
     assert admin.delete("/api/feeds", params={"url": "https://nowhere.example/"}).status_code == 404
     assert admin.delete("/api/feeds", params={"url": "https://packet.example/feed.xml"}).status_code == 204
     assert [f["url"] for f in admin.get("/api/feeds").json()] == ["https://wire.example/rss"]
+
+
+def test_an_article_still_being_imported_is_not_skipped(admin: TestClient, smtp: SmtpSink,
+                                                        env: Callable[..., None]) -> None:
+    """A run leaves out articles ingested in the last MAILER_DIGEST_GRACE_SECONDS, so an import still
+    committing cannot fall behind a reader's cursor; the next run carries it."""
+    env(digest_grace_seconds="30")
+    make_readers(1, prefix="grace")
+    add(admin, article(1, "Peace & Diplomacy"))
+    first = digests.run(Frequency.daily)
+    assert first.readers == 0
+    later = digests.run(Frequency.daily, now=utcnow() + timedelta(days=1))
+    assert later.readers == 1
+    wait_until(admin, later.campaign_id)
+    assert "day 1" in smtp.wait_for(1)[0].part("plain")
+
+
+def test_hostile_inputs_are_reported_not_raised(admin: TestClient) -> None:
+    """Odd JSON Feed fields, far dates, long links and bad feed URLs are skipped or refused with a reason."""
+    from mailer import articles
+
+    feed = {"items": [{"url": "https://x.example/1", "title": "ok", "authors": {"name": "x"}, "tags": 5},
+                      {"url": "https://x.example/" + "a" * 3000, "title": "too long"},
+                      {"url": "https://x.example/2", "title": "future", "date_published": "0001-01-01T00:00:00+01:00"}]}
+    import json
+
+    report = articles.Report()
+    with session_scope() as session:
+        articles.ingest(session, articles.read_source(json.dumps(feed).encode(), report), report=report)
+    assert (report.new, len(report.skipped)) == (2, 1)
+    far = admin.post("/api/articles", json={**article(9), "published_at": "0001-01-01T00:00:00+01:00"})
+    assert far.status_code == 201
+    assert admin.post("/api/feeds", json={"url": "http://127.0.0.1:abc/x"}).status_code == 422

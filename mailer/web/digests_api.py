@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailer import articles, digests, feeds
+from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.models import Frequency
 from mailer.web.api import require_admin
@@ -52,13 +53,14 @@ class PreviewOut(BaseModel):
 
 
 @router.post("/articles", status_code=201)
-def add_articles(body: ArticleIn | list[ArticleIn], create_categories: bool = False) -> ImportReport:
+def add_articles(body: ArticleIn | list[ArticleIn], create_categories: bool | None = None) -> ImportReport:
     items = body if isinstance(body, list) else [body]
     with session_scope() as session:
         report = articles.ingest(session, [articles.Incoming(
             url=item.url, title=item.title, source=item.source, author=item.author,
             published_at=articles.parse_time(item.published_at), summary=item.summary, image_url=item.image_url,
-            categories=tuple(item.categories)) for item in items], create_categories=create_categories)
+            categories=tuple(item.categories)) for item in items],
+            create_categories=get_settings().create_categories if create_categories is None else create_categories)
     return ImportReport(new=report.new, updated=report.updated,
                         skipped=[{"item": what, "reason": why} for what, why in report.skipped])
 
