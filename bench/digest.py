@@ -87,8 +87,7 @@ def digest_run(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
     from mailer.config import get_settings
 
     get_settings.cache_clear()
-    from mailer import campaigns, digests
-    from mailer.db import session_scope
+    from mailer import digests
     from mailer.models import Frequency
 
     processes = common.start_workers(env, workers)
@@ -97,25 +96,8 @@ def digest_run(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
     result = digests.run(Frequency.daily)
     built = time.perf_counter() - started
     assert result.campaign_id is not None
-    last_tick = time.perf_counter()
-    while True:
-        time.sleep(0.5)
-        with session_scope() as session:
-            progress = campaigns.progress(session, result.campaign_id)
-        if progress.status != "sending":
-            break
-        if time.perf_counter() - last_tick > 10:
-            campaigns.tick()
-            last_tick = time.perf_counter()
-    elapsed = time.perf_counter() - started
-    stats = [common.proc_stats(p.pid) for p in processes]
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(timeout=30)
-    sent = progress.counts["sent"]
-    if progress.status != "finished" or sent != readers:
-        raise SystemExit(f"the digest run did not finish cleanly: {progress}")
+    _, elapsed, stats = common.finish(result.campaign_id, processes, readers, started)
+    sent = readers
     return {"rate": sent / elapsed, "build_seconds": built, "seconds": elapsed,
             "contents": distinct_contents(result.campaign_id),
             "cpu_per_msg_ms": (sum(s[0] for s in stats) - cpu_before) / sent * 1000,

@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -140,6 +141,37 @@ def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen[byte
     return processes
 
 
+def finish(campaign_id: int, processes: list[subprocess.Popen[bytes]], readers: int,
+           started: float) -> tuple[Any, float, list[tuple[float, int]]]:
+    """Wait for the campaign to stop (ticking as `celery -A worker beat` would), read the workers' CPU
+    and peak memory, stop them, and check every reader was sent to. Returns (progress, seconds, stats)."""
+    from mailer import campaigns
+    from mailer.db import session_scope
+
+    last = last_tick = time.perf_counter()
+    while True:
+        time.sleep(0.5)
+        with session_scope() as session:
+            progress = campaigns.progress(session, campaign_id)
+        if progress.status != "sending":
+            break
+        if time.perf_counter() - last_tick > 10:
+            campaigns.tick()
+            last_tick = time.perf_counter()
+        if time.perf_counter() - last > 10:
+            print(f"    … {progress.done}/{progress.total}", flush=True)
+            last = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    stats = [proc_stats(p.pid) for p in processes]
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+    if progress.status != "finished" or progress.counts["sent"] != readers:
+        raise SystemExit(f"the campaign did not finish cleanly: {progress}")
+    return progress, elapsed, stats
+
+
 def end_to_end(env: dict[str, str], readers: int, workers: int) -> dict[str, float]:
     import redis
 
@@ -161,29 +193,8 @@ def end_to_end(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
     with session_scope() as session:
         campaigns.start(session, campaign_id)
     campaigns.kick(campaign_id)
-    last = last_tick = time.perf_counter()
-    while True:
-        time.sleep(0.5)
-        with session_scope() as session:
-            progress = campaigns.progress(session, campaign_id)
-        if progress.status != "sending":
-            break
-        if time.perf_counter() - last_tick > 10:
-            # What `celery -A worker beat` does in production: restart a loop that stopped.
-            campaigns.tick()
-            last_tick = time.perf_counter()
-        if time.perf_counter() - last > 10:
-            print(f"    … {progress.done}/{progress.total}", flush=True)
-            last = time.perf_counter()
-    elapsed = time.perf_counter() - started
-    stats = [proc_stats(p.pid) for p in processes]
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(timeout=30)
+    progress, elapsed, stats = finish(campaign_id, processes, readers, started)
     sent = progress.counts["sent"]
-    if progress.status != "finished" or sent != readers:
-        raise SystemExit(f"the campaign did not finish cleanly: {progress}")
     return {"rate": sent / elapsed, "cpu_per_msg_ms": (sum(s[0] for s in stats) - cpu_before) / sent * 1000,
             "peak_rss_mb": max(s[1] for s in stats) / 1024, "seconds": elapsed}
 
