@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailer import compose, queue, render, store, tokens
+from mailer import compose, markup, queue, render, store, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import Conflict, InvalidInput, NotFound
@@ -66,8 +66,13 @@ def message_templates(campaign: Campaign) -> compose.Variants:
     return compose.Variants(rendered)
 
 
-def create(session: Session, *, subject: str, html: str, text: str = "", categories: list[str] | None = None,
-           kind: CampaignKind = CampaignKind.broadcast) -> Campaign:
+def create(session: Session, *, subject: str, html: str = "", text: str = "", categories: list[str] | None = None,
+           kind: CampaignKind = CampaignKind.broadcast, markdown: str | None = None) -> Campaign:
+    """A draft. The body is HTML, or Markdown (`markdown`) made into HTML; both are Jinja templates."""
+    if markdown is not None and markdown.strip():
+        if html.strip():
+            raise InvalidInput("html", "Give the body as HTML or as Markdown, not both.")
+        html = markup.to_html(markdown)
     if not subject.strip():
         raise InvalidInput("subject", "The subject is empty.")
     if any(ch in subject for ch in "\r\n"):
@@ -87,7 +92,8 @@ def create(session: Session, *, subject: str, html: str, text: str = "", categor
     if unknown:
         raise InvalidInput("categories", f"Unknown category: {', '.join(unknown)}.")
     campaign = Campaign(kind=kind, subject=subject.strip(), html=html, text=text or "", categories=wanted,
-                        status=CampaignStatus.draft, status_reason="", total=0)
+                        status=CampaignStatus.draft, status_reason="", total=0,
+                        markdown=markdown if markdown and markdown.strip() else None)
     # Render with sample values and with markers: template errors show up now, not halfway through a send.
     sample = _rendered(campaign, SAMPLE_READER.fields())
     if len(sample.html) + len(sample.text) > MAX_RENDERED:
@@ -305,10 +311,10 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
-    from mailer import feeds, notices
+    from mailer import feeds, imports, notices
 
     # Each chore stands alone: one failing (a hostile feed, say) must not stop the others.
-    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due):
+    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due, imports.requeue_stale):
         try:
             chore()
         except Exception:

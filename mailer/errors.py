@@ -9,7 +9,8 @@
      │    └── UsedToken          already used, or replaced by a newer one
      ├── NotFound                the thing a token or id points at is gone (404)
      ├── Conflict                the thing is in a state that does not allow this (409)
-     └── RateLimited             too many attempts; try again later (429)
+     ├── RateLimited             too many attempts; try again later (429)
+     └── LoginRefused            wrong admin password, or a locked account (401)
 """
 
 from __future__ import annotations
@@ -60,4 +61,8 @@ class Conflict(MailerError):
 
 
 class RateLimited(MailerError):
+    pass
+
+
+class LoginRefused(MailerError):
     pass

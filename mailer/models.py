@@ -127,6 +127,8 @@ class Subscriber(Base):
     digest_cursor: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # The reader's time zone for the digest hour; None means the site's (MAILER_TIMEZONE).
     timezone: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Set when the person's data was erased (GDPR art. 17); only a hashed suppression entry remains.
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     categories: Mapped[list[Category]] = relationship(
         secondary=subscriber_categories, order_by=Category.position, lazy="selectin"
@@ -226,6 +228,8 @@ class Campaign(Base):
     run_key: Mapped[str | None] = mapped_column(String(60), default=None)
     # True while a digest run is still adding readers: sending has begun, but the campaign cannot finish.
     building: Mapped[bool] = mapped_column(default=False)
+    # The Markdown an admin wrote, when they wrote Markdown; `html` is made from it.
+    markdown: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Delivery(Base):
@@ -337,3 +341,77 @@ class Feed(Base):
     status: Mapped[str] = mapped_column(Text, default="")
     # Added through the admin API (feeds from MAILER_FEEDS are polled whatever this says).
     added: Mapped[bool] = mapped_column(default=False)
+
+
+class Admin(Base):
+    """A person who runs the console. The password is an argon2 hash; repeated failures lock the account."""
+
+    __tablename__ = "admins"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class AdminSession(Base):
+    """A signed-in browser. The cookie holds a random token; only its sha256 is stored here."""
+
+    __tablename__ = "admin_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("admins.id", ondelete="CASCADE"), index=True)
+    # Every form of this session carries this value; a forged cross-site POST cannot know it.
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AdminAction(Base):
+    """What an admin did to subscribers and the suppression list, and why: the console's audit trail."""
+
+    __tablename__ = "admin_actions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(320))
+    action: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str] = mapped_column(String(400), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class ImportState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class ImportJob(Base):
+    """One CSV import of subscribers: the file waits here, so the task that runs it carries only the id."""
+
+    __tablename__ = "import_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    filename: Mapped[str] = mapped_column(String(300), default="")
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    dry_run: Mapped[bool] = mapped_column(default=False)
+    # Options chosen at upload: e.g. {"confirm_pending": true}.
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[ImportState] = mapped_column(_enum(ImportState, "import_state"), default=ImportState.queued)
+    # The uploaded file, dropped once the import is done: it holds personal data.
+    content: Mapped[str | None] = mapped_column(Text, default=None)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    # [{"row": 7, "email": "…", "error": "…"}, …], at most a few thousand.
+    errors: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Moves with every committed chunk: a job that stopped moving lost its worker and is queued again.
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -24,9 +24,10 @@ _futures: set[Future[None]] = set()
 
 
 def _jobs() -> dict[str, Callable[..., object]]:
-    from mailer import campaigns, delivery, notices
+    from mailer import campaigns, delivery, imports, notices
 
-    return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick}
+    return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick,
+            "import_subscribers": imports.run}
 
 
 def _run(name: str, args: tuple[int, ...]) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from mailer.models import (
     Category,
+    ConsentEvent,
     Delivery,
     DeliveryState,
     Notice,
@@ -303,3 +304,22 @@ def add_suppression(session: Session, *, email_hash: str, email: str | None, rea
         .on_conflict_do_nothing()
     )
 
+
+
+def forget_suppressed_address(session: Session, email_hash: str) -> None:
+    session.execute(update(Suppression).where(Suppression.email_hash == email_hash).values(email=None))
+
+
+def forget_consent_details(session: Session, subscriber_id: int) -> None:
+    """Erasure: the consent trail keeps what happened and when, but no address, client or free text."""
+    session.execute(
+        update(ConsentEvent).where(ConsentEvent.subscriber_id == subscriber_id)
+        .values(ip=None, user_agent=None, details={})
+    )
+
+
+def drop_unsent_notices(session: Session, subscriber_id: int) -> None:
+    session.execute(
+        update(Notice).where(Notice.subscriber_id == subscriber_id, Notice.state == NoticeState.pending)
+        .values(state=NoticeState.skipped, error="The subscriber was erased.")
+    )

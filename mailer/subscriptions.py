@@ -275,3 +275,53 @@ def mark_bounced(session: Session, *, subscriber: Subscriber, detail: str, origi
     subscriber.status = Status.bounced
     subscriber.confirm_nonce = None
     _record(session, subscriber, "bounce", origin, detail=detail[:500])
+
+
+def suppress(session: Session, *, subscriber: Subscriber, reason: str, origin: Origin) -> None:
+    """Put the address on the suppression list: it gets no mail of any kind, whatever its status."""
+    if subscriber.email_hash is None:
+        return
+    store.add_suppression(session, email_hash=subscriber.email_hash, email=subscriber.email, reason="admin",
+                          detail=reason)
+    _record(session, subscriber, "suppress", origin, reason=reason[:500])
+
+
+def erase(session: Session, *, subscriber_id: int, reason: str, origin: Origin) -> Subscriber:
+    """Erase a person's data (GDPR art. 17) and keep only the hash of their address, suppressed.
+
+    The row stays, emptied, so campaign statistics still add up; an import of the same address later
+    meets the suppression entry and is skipped.
+    """
+    subscriber = store.subscriber(session, subscriber_id, for_update=True)
+    if subscriber is None:
+        raise NotFound(f"There is no subscriber {subscriber_id}.")
+    if subscriber.erased_at is not None:
+        return subscriber
+    email_hash = subscriber.email_hash or hash_email(subscriber.email_key)
+    store.add_suppression(session, email_hash=email_hash, email=None, reason="erased", detail=reason)
+    # An earlier suppression entry may carry the address itself; erasure removes it there too.
+    store.forget_suppressed_address(session, email_hash)
+    store.forget_consent_details(session, subscriber.id)
+    store.drop_unsent_notices(session, subscriber.id)
+    placeholder = f"erased-{subscriber.id}@erased.invalid"
+    subscriber.email = subscriber.email_key = placeholder
+    subscriber.email_hash = None
+    subscriber.name = ""
+    subscriber.timezone = None
+    subscriber.categories = []
+    subscriber.confirm_nonce = None
+    if subscriber.status in {Status.pending, Status.confirmed}:
+        subscriber.status = Status.unsubscribed
+        subscriber.unsubscribed_at = utcnow()
+    subscriber.erased_at = utcnow()
+    # The erasure itself is recorded without the address or the client: it proves the request was met.
+    _record(session, subscriber, "erase", Origin(channel=origin.channel), reason=reason[:500])
+    return subscriber
+
+
+def update_by_admin(session: Session, *, subscriber: Subscriber, choices: Choices, timezone: str | None,
+                    origin: Origin) -> None:
+    """An admin's correction of name, categories, frequency or time zone; recorded like a reader's own."""
+    if subscriber.erased_at is not None:
+        raise InvalidInput("subscriber", "This subscriber's data was erased; there is nothing to edit.")
+    update_preferences(session, subscriber=subscriber, choices=choices, origin=origin, timezone=timezone)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mailer import campaigns, delivery, notices
+from mailer import campaigns, delivery, imports, notices
 from mailer.celery_app import app
 from mailer.config import get_settings
 
@@ -72,3 +72,10 @@ def run_campaign(self: Any, campaign_id: int) -> str:
 @app.task(name="mailer.tick", ignore_result=True)  # type: ignore[untyped-decorator]
 def tick() -> dict[str, int]:
     return campaigns.tick()
+
+
+@app.task(bind=True, name="mailer.import_subscribers")  # type: ignore[untyped-decorator]
+@bounded
+def import_subscribers(self: Any, job_id: int) -> None:
+    # Chunks commit with their mark, so a rerun goes on after the last committed chunk.
+    imports.run(job_id)

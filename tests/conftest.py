@@ -29,6 +29,9 @@ from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.migrate import upgrade
 from mailer.models import (
+    Admin,
+    AdminAction,
+    AdminSession,
     Article,
     Campaign,
     Category,
@@ -36,6 +39,7 @@ from mailer.models import (
     Delivery,
     DigestEntry,
     Feed,
+    ImportJob,
     Notice,
     Subscriber,
     Suppression,
@@ -176,7 +180,8 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 
 def empty_tables() -> None:
     with session_scope() as session:
-        for table in (Feed.__table__, DigestEntry.__table__, article_categories, Article.__table__,
+        for table in (AdminAction.__table__, ImportJob.__table__, AdminSession.__table__, Admin.__table__,
+                      Feed.__table__, DigestEntry.__table__, article_categories, Article.__table__,
                       Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
                       subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
             session.execute(delete(table))

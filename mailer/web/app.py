@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mailer import __version__, queue
 from mailer.config import get_settings
 from mailer.db import engine
-from mailer.errors import Conflict, InvalidInput, MailerError, NotFound, RateLimited
-from mailer.web import api, campaigns_api, digests_api, public
+from mailer.errors import Conflict, InvalidInput, LoginRefused, MailerError, NotFound, RateLimited
+from mailer.web import admin_api, api, campaigns_api, digests_api, public
 
 
 def _is_api(request: Request) -> bool:
@@ -48,6 +48,7 @@ def create_app(*, background: bool = False) -> FastAPI:
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
     app.include_router(digests_api.router)
+    app.include_router(admin_api.router)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -66,6 +67,8 @@ def create_app(*, background: bool = False) -> FastAPI:
             status = 404
         elif isinstance(error, Conflict):
             status = 409
+        elif isinstance(error, LoginRefused):
+            status = 401
         elif isinstance(error, RateLimited):
             status = 429
         detail = str(error)

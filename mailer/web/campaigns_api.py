@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from mailer import campaigns
+from mailer import campaigns, console
 from mailer.campaigns import Progress
 from mailer.db import session_scope
-from mailer.models import Campaign
+from mailer.models import Campaign, DeliveryState
 from mailer.subscriptions import normalize_email
 from mailer.web.api import require_admin
 
@@ -24,7 +24,8 @@ router = APIRouter(prefix="/api/campaigns", dependencies=[Depends(require_admin)
 class CampaignIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subject: str = Field(min_length=1, max_length=300, description="A Jinja template; sees name, email, links.")
-    html: str = Field(min_length=1, description="A Jinja template, placed inside templates/email/broadcast/.")
+    html: str = Field(default="", description="A Jinja template, placed inside templates/email/broadcast/.")
+    markdown: str | None = Field(default=None, description="Instead of html: Markdown, made into the HTML.")
     text: str = Field(default="", description="Optional; made from the HTML when empty.")
     categories: list[str] = Field(default=[], description="Category slugs; empty means everyone confirmed.")
 
@@ -54,7 +55,7 @@ def _out(campaign_id: int) -> Progress:
 def create(body: CampaignIn) -> Progress:
     with session_scope() as session:
         campaign = campaigns.create(session, subject=body.subject, html=body.html, text=body.text,
-                                    categories=body.categories)
+                                    categories=body.categories, markdown=body.markdown)
         campaign_id = campaign.id
     return _out(campaign_id)
 
@@ -69,6 +70,23 @@ def list_campaigns(limit: int = 50) -> list[Progress]:
 @router.get("/{campaign_id}")
 def get(campaign_id: CampaignId) -> Progress:
     return _out(campaign_id)
+
+
+@router.get("/{campaign_id}/preview")
+def preview(campaign_id: CampaignId, subscriber_id: Annotated[int | None, Query(ge=1)] = None,
+            email: str | None = None) -> console.Preview:
+    """The campaign as one subscriber's mail would carry it (a sample reader when none is given)."""
+    with session_scope() as session:
+        return console.preview(session, campaign_id, subscriber_id=subscriber_id, email_address=email)
+
+
+@router.get("/{campaign_id}/deliveries")
+def deliveries(campaign_id: CampaignId, q: str = "", state: DeliveryState | None = None,
+               after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[console.DeliveryLine]:
+    """The delivery log, searchable by address or SMTP reply; walk it with `after` = the last id."""
+    with session_scope() as session:
+        return console.delivery_log(session, campaign_id, query=q, state=state, after_id=after, limit=limit)
 
 
 @router.post("/{campaign_id}/send", status_code=202)

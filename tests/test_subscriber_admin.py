@@ -1,0 +1,196 @@
+"""Looking after subscribers through the admin API: CSV import and export, edit, suppress, erase."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from mailer import queue
+from mailer.db import session_scope
+from mailer.models import ConsentEvent, Suppression
+from mailer.subscriptions import hash_email
+from tests.conftest import SmtpSink, consent_actions, subscriber_row
+
+CSV_WITH_BAD_ROWS = (
+    "email,name,categories,frequency,status,signed_up\n"
+    "ada@example.org,Ada Lovelace,U.S.–Russia Relations|foreign-policy-and-international-relations,weekly,"
+    "confirmed,2024\n"
+    "confirmed,2024\n"
+    "not-an-address,Bad Row,,daily,confirmed,\n"
+    "grace@example.org,Grace,,daily,,\n"
+    "ADA@example.org,Ada Again,,daily,confirmed,\n"
+    "linus@example.org,Linus,Gardening,daily,confirmed,\n"
+    "ken@example.org,Ken,,hourly,confirmed,\n"
+    "left@example.org,Left Before,,daily,unsubscribed,\n"
+    "pending@example.org,,,daily,pending,\n"
+    "\n"
+)
+
+
+def upload(admin: TestClient, content: str, **params: Any) -> dict[str, Any]:
+    response = admin.post("/api/imports", params=params,
+                          files={"file": ("list.csv", content.encode(), "text/csv")})
+    assert response.status_code == 202, response.text
+    return finished(admin, response.json()["id"])
+
+
+def finished(admin: TestClient, job_id: int) -> dict[str, Any]:
+    queue.drain()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        report = admin.get(f"/api/imports/{job_id}").json()
+        if report["state"] in {"done", "failed"}:
+            return dict(report)
+        time.sleep(0.05)
+    raise AssertionError(f"import {job_id} did not finish")
+
+
+def test_csv_import_dry_run_then_real_lists_bad_rows_and_imports_the_rest(admin: TestClient) -> None:
+    """A dry run reports every bad row and changes nothing; the import then adds the good rows only."""
+    dry = upload(admin, CSV_WITH_BAD_ROWS, dry_run="true")
+    assert dry["state"] == "done"
+    assert dry["counts"] == {"added": 4, "updated": 0, "unchanged": 0, "skipped": 0, "errors": 4}
+    assert subscriber_row("ada@example.org") is None, "a dry run writes nothing"
+    errors = {e["row"]: e["error"] for e in dry["errors"]}
+    assert set(errors) == {3, 5, 6, 7}
+    assert errors[3].startswith("email:")
+    assert "already on line 2" in errors[5]
+    assert "Unknown category 'Gardening'" in errors[6]
+    assert "'hourly' is not daily or weekly" in errors[7]
+    assert "Ignored columns: signed_up" in dry["message"]
+
+    real = admin.post(f"/api/imports/{dry['id']}/run")
+    assert real.status_code == 202
+    report = finished(admin, dry["id"])
+    assert report["counts"]["added"] == 4
+    assert report["counts"]["errors"] == 4
+    ada = subscriber_row("ada@example.org")
+    assert ada is not None
+    assert ada.status == "confirmed"
+    assert ada.frequency == "weekly"
+    assert [c.slug for c in ada.categories] == ["foreign-policy-and-international-relations", "us-russia-relations"]
+    assert ada.name == "Ada Lovelace"
+    grace = subscriber_row("grace@example.org")
+    assert grace is not None
+    assert grace.status == "confirmed", "no status means the default, confirmed"
+    left = subscriber_row("left@example.org")
+    assert left is not None
+    assert left.status == "unsubscribed"
+    assert subscriber_row("linus@example.org") is None
+    assert consent_actions("ada@example.org") == ["import"]
+    # The file held personal data: it is not kept once imported.
+    assert admin.post(f"/api/imports/{dry['id']}/run").status_code == 422
+
+
+def test_import_updates_but_never_resubscribes_someone_who_left(admin: TestClient) -> None:
+    """A second file updates names and categories, records an unsubscribe, and skips people who left."""
+    upload(admin, "email,name,status\nkim@example.org,Kim,confirmed\nlee@example.org,Lee,unsubscribed\n")
+    second = upload(admin, "email,name,categories,status\nkim@example.org,Kim Park,us-nato-relations,confirmed\n"
+                           "lee@example.org,Lee,,confirmed\nkim@EXAMPLE.org,,,\n")
+    assert (second["counts"]["updated"], second["counts"]["skipped"], second["counts"]["errors"]) == (1, 1, 1)
+    problems = {e["row"]: (e["kind"], e["error"]) for e in second["errors"]}
+    assert problems[3] == ("skipped", "the address is unsubscribed; only its owner can subscribe it again.")
+    assert problems[4] == ("error", "email: the address is already on line 2.")
+    kim = subscriber_row("kim@example.org")
+    assert kim is not None
+    assert kim.name == "Kim Park"
+    assert [c.slug for c in kim.categories] == ["us-nato-relations"]
+    lee = subscriber_row("lee@example.org")
+    assert lee is not None
+    assert lee.status == "unsubscribed"
+
+
+def test_erased_subscriber_stays_suppressed_when_imported_again(admin: TestClient) -> None:
+    """Erasure removes the person's data and keeps only a hash; importing them again skips them."""
+    upload(admin, "email,name\nerin@example.org,Erin Example\n")
+    erin = subscriber_row("erin@example.org")
+    assert erin is not None
+    no_reason = admin.post(f"/api/subscribers/{erin.id}/erase", json={"reason": ""})
+    assert no_reason.status_code == 422
+    erased = admin.post(f"/api/subscribers/{erin.id}/erase", json={"reason": "Asked by mail on 2026-11-20"})
+    assert erased.status_code == 200
+    view = admin.get(f"/api/subscribers/{erin.id}").json()
+    assert view["erased"] is True
+    assert view["name"] == ""
+    assert "erin" not in view["email"]
+    with session_scope() as session:
+        entry = session.scalar(select(Suppression).where(Suppression.email_hash == hash_email("erin@example.org")))
+        assert entry is not None
+        assert entry.email is None
+        assert entry.reason == "erased"
+        trail = session.scalars(select(ConsentEvent).where(ConsentEvent.subscriber_id == erin.id)).all()
+        assert all(e.ip is None and e.user_agent is None for e in trail)
+        assert "Erin" not in str([e.details for e in trail])
+    again = upload(admin, "email,name\nErin@Example.org,Erin Example\n")
+    assert again["counts"]["skipped"] == 1
+    assert again["counts"]["added"] == 0
+    assert "suppressed (erased)" in again["errors"][0]["error"]
+    assert subscriber_row("erin@example.org") is None
+    # The export leaves erased people out.
+    exported = admin.get("/api/subscribers/export")
+    assert exported.status_code == 200
+    assert "erin" not in exported.text.lower()
+
+
+def test_export_round_trips_through_import(admin: TestClient) -> None:
+    """An export has the import's columns; a name that looks like a formula is defused for spreadsheets."""
+    upload(admin, "email,name,categories,frequency\nsam@example.org,=HYPERLINK(1),us-russia-relations,weekly\n")
+    exported = admin.get("/api/subscribers/export")
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert "attachment" in exported.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [(r["email"], r["name"], r["categories"], r["frequency"], r["status"]) for r in rows] == [
+        ("sam@example.org", "'=HYPERLINK(1)", "us-russia-relations", "weekly", "confirmed")]
+
+
+def test_suppression_list_add_and_remove_need_a_reason(admin: TestClient, smtp: SmtpSink) -> None:
+    """Admins add to and remove from the suppression list, each with a reason kept in the audit trail."""
+    assert admin.post("/api/suppressions", json={"email": "x@example.org", "reason": " "}).status_code == 422
+    assert admin.post("/api/suppressions", json={"email": "nope", "reason": "spam trap"}).status_code == 422
+    added = admin.post("/api/suppressions", json={"email": "Trap@Example.org", "reason": "spam trap"})
+    assert added.status_code == 201
+    listed = admin.get("/api/suppressions", params={"q": "trap@example.org"}).json()
+    assert [(e["email"], e["reason"], e["detail"]) for e in listed] == [("Trap@example.org", "admin", "spam trap")]
+    skipped = upload(admin, "email\ntrap@example.org\n")
+    assert skipped["counts"]["skipped"] == 1
+    removed = admin.post(f"/api/suppressions/{listed[0]['id']}/remove", json={"reason": "was a typo"})
+    assert removed.status_code == 200
+    assert admin.get("/api/suppressions").json() == []
+    assert admin.post(f"/api/suppressions/{listed[0]['id']}/remove", json={"reason": "again"}).status_code == 404
+
+
+def test_bad_uploads_get_a_sentence(admin: TestClient) -> None:
+    """A file with no email column, or an empty file, is refused at once with a sentence naming the problem."""
+    for content, words in (("name,status\nAda,confirmed\n", "one must be 'email'"), ("", "The file is empty")):
+        response = admin.post("/api/imports", files={"file": ("x.csv", content.encode(), "text/csv")})
+        assert response.status_code == 422
+        assert words in response.json()["detail"]
+        assert response.json()["field"] == "file"
+    missing = admin.post("/api/imports")
+    assert missing.status_code == 422
+    assert "file" in missing.json()["detail"]
+    assert admin.get("/api/imports/999").status_code == 404
+
+
+def test_subscriber_view_edit_and_unsubscribe(admin: TestClient) -> None:
+    """One subscriber's page data: consent history and deliveries; edits and unsubscribes are recorded."""
+    upload(admin, "email,name\nval@example.org,Val\n")
+    val = subscriber_row("val@example.org")
+    assert val is not None
+    edited = admin.patch(f"/api/subscribers/{val.id}",
+                         json={"frequency": "weekly", "categories": ["us-nato-relations"]})
+    assert edited.status_code == 200
+    assert edited.json()["frequency"] == "weekly"
+    assert admin.patch(f"/api/subscribers/{val.id}", json={"categories": ["nope"]}).status_code == 422
+    left = admin.post(f"/api/subscribers/{val.id}/unsubscribe", json={"reason": "asked on the phone"})
+    assert left.json()["status"] == "unsubscribed"
+    view = admin.get(f"/api/subscribers/{val.id}").json()
+    assert [c["action"] for c in view["consent"]] == ["unsubscribe", "preferences", "import"]
+    assert view["name"] == "Val"
+    assert view["categories"] == ["us-nato-relations"]
+    assert admin.get("/api/subscribers/123456").status_code == 404
