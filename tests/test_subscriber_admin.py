@@ -20,7 +20,6 @@ CSV_WITH_BAD_ROWS = (
     "email,name,categories,frequency,status,signed_up\n"
     "ada@example.org,Ada Lovelace,U.S.–Russia Relations|foreign-policy-and-international-relations,weekly,"
     "confirmed,2024\n"
-    "confirmed,2024\n"
     "not-an-address,Bad Row,,daily,confirmed,\n"
     "grace@example.org,Grace,,daily,,\n"
     "ADA@example.org,Ada Again,,daily,confirmed,\n"
