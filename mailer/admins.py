@@ -89,6 +89,8 @@ def authenticate(session: Session, *, email: str, password: str) -> Admin:
         if admin.failed_logins >= MAX_FAILURES:
             admin.locked_until = now + timedelta(minutes=LOCK_MINUTES)
             admin.failed_logins = 0
+        # The count must outlive the error: the caller's transaction rolls back when this raises.
+        session.commit()
         raise LoginRefused("That email address and password do not match an admin.")
     admin.failed_logins, admin.locked_until, admin.last_login_at = 0, None, now
     if _hasher.check_needs_rehash(admin.password_hash):

@@ -52,6 +52,11 @@ def _get(session: Session, campaign_id: int) -> Campaign:
     return campaign
 
 
+def get(session: Session, campaign_id: int) -> Campaign:
+    """The campaign, or NotFound with a sentence."""
+    return _get(session, campaign_id)
+
+
 def _rendered(campaign: Campaign, context: dict[str, Any]) -> render.Rendered:
     return render.render_campaign(subject=campaign.subject, html=campaign.html, text=campaign.text, context=context)
 

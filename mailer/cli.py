@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from mailer.cli_admin import admin_app, subscribers_app
 from mailer.cli_campaigns import app as campaign_app
 from mailer.cli_digests import articles_app, digest_app, preview
 from mailer.config import Settings, describe_error, get_settings
@@ -20,6 +21,8 @@ app.add_typer(campaign_app, name="campaign")
 app.add_typer(articles_app, name="articles")
 app.add_typer(digest_app, name="digest")
 app.command("preview")(preview)
+app.add_typer(admin_app, name="admin")
+app.add_typer(subscribers_app, name="subscribers")
 
 
 def settings() -> Settings:

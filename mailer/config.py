@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     confirm_resend_minutes: float = Field(default=10.0, ge=0)
     confirm_daily_cap: int = Field(default=5, ge=1)
     signup_rate_limit: str = "10/minute"
+    admin_login_rate_limit: str = "20/minute"
     rate_limit_storage_url: str = ""
     trusted_proxies: Annotated[list[str], NoDecode] = []
     check_deliverability: bool = False
@@ -160,7 +161,7 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder or shorter than 16 characters; use a long random value")
         return value
 
-    @field_validator("signup_rate_limit")
+    @field_validator("signup_rate_limit", "admin_login_rate_limit")
     @classmethod
     def _rate(cls, value: str) -> str:
         from limits import parse

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,7 +15,7 @@ from mailer import __version__, queue
 from mailer.config import get_settings
 from mailer.db import engine
 from mailer.errors import Conflict, InvalidInput, LoginRefused, MailerError, NotFound, RateLimited
-from mailer.web import admin_api, api, campaigns_api, digests_api, public
+from mailer.web import admin, admin_api, admin_auth, admin_campaigns, api, campaigns_api, digests_api, public
 
 
 def _is_api(request: Request) -> bool:
@@ -49,6 +49,21 @@ def create_app(*, background: bool = False) -> FastAPI:
     app.include_router(campaigns_api.router)
     app.include_router(digests_api.router)
     app.include_router(admin_api.router)
+    app.include_router(admin_auth.router)
+    app.include_router(admin_campaigns.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(admin_auth.NotSignedIn)
+    async def _sign_in(request: Request, error: admin_auth.NotSignedIn) -> Response:
+        from urllib.parse import quote
+
+        return RedirectResponse(f"/admin/login?next={quote(error.path)}", status_code=303)
+
+    @app.exception_handler(admin_auth.BadCsrf)
+    async def _bad_csrf(request: Request, error: admin_auth.BadCsrf) -> Response:
+        return public.message(request, "This form has expired",
+                              ["The page was open too long, or came from somewhere else. Go back, reload it and "
+                               "try again."], 400)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

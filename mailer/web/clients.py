@@ -73,6 +73,17 @@ def rate_key(ip: str) -> str:
     return str(address)
 
 
+def allow_login(ip: str) -> bool:
+    """Count one admin sign-in attempt from an address. Unlike sign-ups, a broken limiter refuses: the
+    per-account lock-out still holds, but guessing must not get cheaper when a service is down."""
+    try:
+        return bool(_limiter(limiter_storage_url()).hit(parse(get_settings().admin_login_rate_limit), "login",
+                                                        rate_key(ip)))
+    except Exception:
+        log.exception("the admin sign-in rate limiter is unavailable")
+        return False
+
+
 def allow_signup(ip: str) -> bool:
     """Count one sign-up attempt from an address; False once it is over the configured rate.
     If the limiter's store is down, sign-ups go on (logged): double opt-in still protects them."""

@@ -1,0 +1,124 @@
+"""`mailer admin …` (console accounts) and `mailer subscribers import|export|erase`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mailer import admins, exports, imports, store, subscriptions
+from mailer.db import session_scope
+from mailer.errors import InvalidInput, MailerError
+from mailer.models import Status
+from mailer.subscriptions import Origin
+
+admin_app = typer.Typer(no_args_is_help=True, help="Admin console accounts.")
+subscribers_app = typer.Typer(no_args_is_help=True, help="Import, export and erase subscribers.")
+
+
+def _fail(error: MailerError) -> typer.Exit:
+    message = f"{error.field}: {error.message}" if isinstance(error, InvalidInput) else str(error)
+    typer.secho(f"Error: {message}", fg="red", err=True)
+    return typer.Exit(1)
+
+
+@admin_app.command("create")
+def create(
+    email: str,
+    password: Annotated[str | None, typer.Option(help="The password; asked for when left out.")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Give an existing admin a new password.")] = False,
+) -> None:
+    """Create an admin who can sign in at /admin (argon2-hashed password)."""
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        with session_scope() as session:
+            if reset:
+                admins.reset_password(session, email=email, password=password)
+            else:
+                admins.create(session, email=email, password=password)
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"{'New password set for' if reset else 'Admin created:'} {email.strip().lower()}. Sign in at /admin.")
+
+
+@subscribers_app.command("import")
+def import_csv(
+    path: Annotated[Path, typer.Argument(help="A CSV file with columns email, name, categories, frequency, status.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every row and report; change nothing.")] = False,
+    default_status: Annotated[str, typer.Option(help="For rows with no status: confirmed or pending.")]
+    = "confirmed",
+    send_confirmation: Annotated[bool, typer.Option(help="Mail a confirmation link to pending rows.")] = False,
+) -> None:
+    """Import subscribers from a CSV file, with a progress bar and a report of the rows left out."""
+    try:
+        if default_status not in {"confirmed", "pending"}:
+            raise InvalidInput("--default-status", "Use confirmed or pending.")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise InvalidInput("path", f"Cannot read {path}: {error.strerror}.") from None
+        with session_scope() as session:
+            job = imports.create_job(session, content=imports.decode(data), filename=path.name, actor="cli",
+                                     dry_run=dry_run, default_status=Status(default_status),
+                                     send_confirmation=send_confirmation)
+            job_id, total = job.id, job.total
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=not sys.stderr.isatty()) as bar:
+            task = bar.add_task("Checking" if dry_run else "Importing", total=total)
+            imports.run(job_id, progress=lambda done, _total: bar.update(task, completed=done))
+        with session_scope() as session:
+            report = imports.report(session, job_id)
+    except MailerError as error:
+        raise _fail(error) from None
+    counts = report.counts
+    verb = "would add" if dry_run else "added"
+    typer.echo(f"{report.processed} rows: {verb} {counts['added']}, updated {counts['updated']}, unchanged "
+               f"{counts['unchanged']}, skipped {counts['skipped']}, errors {counts['errors']}.")
+    if report.message:
+        typer.echo(report.message)
+    for problem in report.errors[:50]:
+        typer.echo(f"  line {problem['row']}: {problem['email']}: {problem['error']}")
+    if len(report.errors) > 50:
+        typer.echo(f"  … and {len(report.errors) - 50} more (see /admin/import/{job_id}).")
+    if report.state == "failed":
+        raise typer.Exit(1)
+
+
+@subscribers_app.command("export")
+def export(
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of standard output.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only subscribers with this status.")] = None,
+) -> None:
+    """Export subscribers as CSV, in the columns `import` takes."""
+    if status is not None and status not in Status.__members__:
+        typer.secho(f"Error: --status: use one of {', '.join(Status.__members__)}.", fg="red", err=True)
+        raise typer.Exit(1)
+    wanted = Status(status) if status else None
+    with (out.open("w", encoding="utf-8", newline="") if out else sys.stdout) as stream:
+        for chunk in exports.csv_lines(status=wanted):
+            stream.write(chunk)
+
+
+@subscribers_app.command("erase")
+def erase(
+    email: str,
+    reason: Annotated[str, typer.Option(help="Why, e.g. 'request by mail on 2026-11-20'; kept in the audit trail.")],
+) -> None:
+    """Erase a subscriber's personal data (GDPR art. 17); the address stays suppressed as a hash."""
+    try:
+        if not reason.strip():
+            raise InvalidInput("--reason", "Say why, in a few words.")
+        _address, key = subscriptions.normalize_email(email)
+        with session_scope() as session:
+            found = store.subscriber_by_email(session, key)
+            if found is None:
+                raise InvalidInput("email", f"No subscriber has the address {email.strip()}.")
+            subscriptions.erase(session, subscriber_id=found.id, reason=reason, origin=Origin(channel="cli"))
+            admins.record(session, actor="cli", action="erase", target=f"subscriber {found.id}", reason=reason)
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"Erased subscriber {found.id}; the address stays on the suppression list as a hash.")

@@ -1,0 +1,106 @@
+"""Admin console sign-in: the session cookie, CSRF checks on every form, and the page helper.
+
+The cookie is HttpOnly and SameSite=Lax, Secure when the site is on https. Every POST of the console
+carries the session's CSRF token in a hidden field, compared in constant time; a POST without it is
+refused before anything changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from mailer import TEMPLATES_DIR, admins
+from mailer.config import get_settings
+from mailer.db import session_scope
+from mailer.errors import LoginRefused
+from mailer.web.clients import allow_login, client_ip
+
+COOKIE = "mailer_admin"
+templates = Jinja2Templates(directory=TEMPLATES_DIR / "web")
+router = APIRouter(prefix="/admin", include_in_schema=False)
+
+
+class NotSignedIn(Exception):
+    """Raised by `signed_in`; the app answers with a redirect to the sign-in page."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class BadCsrf(Exception):
+    """A console form came without this session's CSRF token."""
+
+
+def signed_in(request: Request) -> admins.SignedIn:
+    with session_scope() as session:
+        who = admins.signed_in(session, request.cookies.get(COOKIE))
+    if who is None:
+        raise NotSignedIn(request.url.path)
+    return who
+
+
+def check_csrf(who: admins.SignedIn, given: str | None) -> None:
+    if not admins.csrf_matches(who.csrf, given):
+        raise BadCsrf
+
+
+def page(request: Request, name: str, context: dict[str, Any], *, who: admins.SignedIn | None,
+         status_code: int = 200) -> Response:
+    settings = get_settings()
+    return templates.TemplateResponse(request, name, {
+        "site_name": settings.site_name, "base_url": settings.base_url, "who": who,
+        "csrf": who.csrf if who else "", "nav": request.url.path, **context}, status_code=status_code)
+
+
+def back(path: str, note: str = "") -> RedirectResponse:
+    """After a change: 303 to a page (Post/Redirect/Get), with a one-line note shown there."""
+    from urllib.parse import quote
+
+    return RedirectResponse(f"{path}{'&' if '?' in path else '?'}note={quote(note)}" if note else path,
+                            status_code=303)
+
+
+def _safe_next(target: str) -> str:
+    # Only paths inside the console: an open redirect would let a link send an admin anywhere.
+    return target if target.startswith("/admin") and not target.startswith("//") and "\\" not in target \
+        else "/admin"
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/admin") -> Response:
+    return page(request, "admin/login.html", {"next": _safe_next(next), "error": ""}, who=None)
+
+
+@router.post("/login")
+def login(request: Request, email: str = Form(""), password: str = Form(""),
+          next: str = Form("/admin")) -> Response:
+    target = _safe_next(next)
+    if not allow_login(client_ip(request)):
+        return page(request, "admin/login.html", {"next": target, "error": "Too many sign-in attempts from "
+                    "your address; wait a minute and try again."}, who=None, status_code=429)
+    try:
+        with session_scope() as session:
+            admin = admins.authenticate(session, email=email, password=password)
+            token = admins.open_session(session, admin)
+    except LoginRefused as refused:
+        return page(request, "admin/login.html", {"next": target, "error": str(refused), "email": email[:320]},
+                    who=None, status_code=401)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(COOKIE, token, max_age=admins.SESSION_HOURS * 3600, httponly=True, samesite="lax",
+                        secure=get_settings().base_url.startswith("https://"), path="/admin")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf_token: str = Form("")) -> Response:
+    who = signed_in(request)
+    check_csrf(who, csrf_token)
+    with session_scope() as session:
+        admins.close_session(session, request.cookies.get(COOKIE))
+    response = RedirectResponse("/admin/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/admin")
+    return response

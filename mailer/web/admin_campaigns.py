@@ -1,0 +1,188 @@
+"""Admin console pages for campaigns: write, preview as a reader, test, send or schedule, watch, pause,
+resume, cancel, and read the delivery log. Digest runs are listed here too."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select
+
+from mailer import admins, campaigns, console, store
+from mailer.config import get_settings
+from mailer.db import session_scope
+from mailer.errors import InvalidInput, MailerError, NotFound
+from mailer.models import Delivery, DeliveryState, utcnow
+from mailer.subscriptions import normalize_email
+from mailer.web.admin import attempt, sandboxed
+from mailer.web.admin_auth import back, check_csrf, page, signed_in
+
+router = APIRouter(prefix="/admin/campaigns", include_in_schema=False)
+Who = Annotated[admins.SignedIn, Depends(signed_in)]
+PAGE = 100
+
+
+def live(campaign_id: int) -> dict[str, object]:
+    """Counts by state, the rate over the last minute, and the time left at that rate."""
+    with session_scope() as session:
+        progress = campaigns.progress(session, campaign_id)
+        since = utcnow() - timedelta(seconds=60)
+        recent = session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.campaign_id == campaign_id, Delivery.sent_at >= since)) or 0
+    rate = recent / 60
+    left = sum(progress.counts.get(k, 0) for k in ("pending", "sending", "deferred"))
+    return {"status": progress.status, "status_reason": progress.status_reason, "counts": progress.counts,
+            "total": progress.total, "done": progress.done, "rate": round(rate, 1),
+            "eta_seconds": round(left / rate) if rate > 0 and left else None}
+
+
+@router.get("")
+def campaign_list(request: Request, who: Who, before: int = 0) -> Response:
+    with session_scope() as session:
+        lines = console.recent_campaigns(session, limit=PAGE, before_id=before or None)
+    return page(request, "admin/campaigns.html", {
+        "lines": lines, "next_before": lines[-1].id if len(lines) == PAGE else None}, who=who)
+
+
+@router.get("/new")
+def new_form(request: Request, who: Who) -> Response:
+    with session_scope() as session:
+        categories = [(c.slug, c.name) for c in store.categories(session)]
+    return page(request, "admin/campaign_new.html", {
+        "categories": categories, "form": {"format": "markdown"}, "error": ""}, who=who)
+
+
+@router.post("/new")
+async def create(request: Request, who: Who) -> Response:
+    form = await request.form()
+    check_csrf(who, str(form.get("csrf_token") or ""))
+    fields = {k: str(form.get(k) or "") for k in ("subject", "body", "text", "format")}
+    chosen = [str(v) for v in form.getlist("categories")]
+    try:
+        with session_scope() as session:
+            markdown = fields["body"] if fields["format"] == "markdown" else None
+            campaign = campaigns.create(session, subject=fields["subject"], html="" if markdown else fields["body"],
+                                        text=fields["text"], categories=chosen, markdown=markdown)
+            campaign_id = campaign.id
+    except MailerError as error:
+        with session_scope() as session:
+            categories = [(c.slug, c.name) for c in store.categories(session)]
+        message = error.message if isinstance(error, InvalidInput) else str(error)
+        if isinstance(error, InvalidInput) and error.field == "html":
+            message = f"Body: {message}"
+        return page(request, "admin/campaign_new.html", {
+            "categories": categories, "form": {**fields, "categories": chosen}, "error": message},
+            who=who, status_code=422)
+    return back(f"/admin/campaigns/{campaign_id}", "Draft saved. Preview it, send a test, then send or schedule.")
+
+
+@router.get("/{campaign_id}")
+def detail(request: Request, who: Who, campaign_id: int, reader: str = "") -> Response:
+    try:
+        state = live(campaign_id)
+        with session_scope() as session:
+            line = console.campaign_line(session, campaigns.get(session, campaign_id))
+            try:
+                preview = console.preview(session, campaign_id, email_address=reader or None)
+                preview_error = ""
+            except InvalidInput as error:
+                preview, preview_error = None, error.message
+    except NotFound as missing:
+        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
+                    who=who, status_code=404)
+    return page(request, "admin/campaign.html", {
+        "c": line, "live": state, "preview": preview, "preview_error": preview_error, "reader": reader,
+        "tz": get_settings().timezone}, who=who)
+
+
+@router.get("/{campaign_id}/progress")
+def progress(who: Who, campaign_id: int) -> JSONResponse:
+    return JSONResponse(live(campaign_id))
+
+
+@router.get("/{campaign_id}/preview")
+def preview_html(who: Who, campaign_id: int, reader: str = "") -> Response:
+    with session_scope() as session:
+        try:
+            found = console.preview(session, campaign_id, email_address=reader or None)
+        except InvalidInput as error:
+            return sandboxed(f"<p>{error.message}</p>".replace("<p><", "<p>&lt;"))
+    return sandboxed(found.html)
+
+
+@router.post("/{campaign_id}/action")
+def action(who: Who, campaign_id: int, csrf_token: str = Form(""), do: str = Form(""),
+           at: str = Form("")) -> Response:
+    check_csrf(who, csrf_token)
+    here = f"/admin/campaigns/{campaign_id}"
+
+    def change() -> str:
+        with session_scope() as session:
+            if do == "send":
+                started = campaigns.start(session, campaign_id)
+            elif do == "pause":
+                campaigns.pause(session, campaign_id, reason=f"Paused by {who.email}.")
+                return "Paused. Mail already handed to the server may still arrive."
+            elif do == "resume":
+                started = campaigns.resume(session, campaign_id)
+            elif do == "cancel":
+                campaigns.cancel(session, campaign_id)
+                return "Cancelled. Nobody else will get this campaign."
+            elif do == "schedule":
+                campaigns.schedule(session, campaign_id, _local_time(at))
+                return "Scheduled."
+            else:
+                return "Nothing to do."
+        if started:
+            campaigns.kick(campaign_id)
+        return "Sending." if do == "send" else "Resumed."
+
+    return attempt(change, here, here)
+
+
+def _local_time(text: str) -> datetime:
+    """A datetime-local field, read in the site's time zone."""
+    from zoneinfo import ZoneInfo
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput("at", "Pick a date and time to send at.") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(get_settings().timezone))
+    return moment
+
+
+@router.post("/{campaign_id}/test")
+async def send_test(who: Who, campaign_id: int, csrf_token: str = Form(""), emails: str = Form("")) -> Response:
+    check_csrf(who, csrf_token)
+    here = f"/admin/campaigns/{campaign_id}"
+    addresses = [part.strip() for part in emails.replace(";", ",").replace("\n", ",").split(",") if part.strip()]
+    try:
+        if not addresses or len(addresses) > 20:
+            raise InvalidInput("emails", "Give one to twenty addresses, separated by commas.")
+        wanted = [normalize_email(address)[0] for address in addresses]
+        results = await campaigns.send_test(campaign_id, wanted)
+    except MailerError as error:
+        return back(here, getattr(error, "message", None) or str(error))
+    notes = [f"{address}: {'sent' if r.ok else 'not sent'} ({r.code} {r.text})" for address, r in results.items()]
+    return back(here, "Test: " + "; ".join(notes))
+
+
+@router.get("/{campaign_id}/deliveries")
+def deliveries(request: Request, who: Who, campaign_id: int, q: str = "", state: str = "",
+               after: int = 0) -> Response:
+    wanted = DeliveryState(state) if state in DeliveryState.__members__ else None
+    try:
+        with session_scope() as session:
+            rows = console.delivery_log(session, campaign_id, query=q[:200], state=wanted, after_id=max(after, 0),
+                                        limit=PAGE)
+            subject = campaigns.get(session, campaign_id).subject
+    except NotFound as missing:
+        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
+                    who=who, status_code=404)
+    return page(request, "admin/deliveries.html", {
+        "rows": rows, "q": q, "state": state, "states": list(DeliveryState.__members__), "campaign_id": campaign_id,
+        "subject": subject, "next_after": rows[-1].id if len(rows) == PAGE else None}, who=who)

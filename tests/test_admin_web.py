@@ -1,0 +1,183 @@
+"""The admin console's pages over HTTP: sign-in, lock-out, CSRF, and each page doing its job."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mailer import admins, queue
+from mailer.db import session_scope
+from mailer.web.app import create_app
+from tests.conftest import SmtpSink, make_readers, subscriber_row
+
+EMAIL, PASSWORD = "editor@news.example.org", "correct horse battery"
+
+
+def make_admin() -> None:
+    with session_scope() as session:
+        admins.create(session, email=EMAIL, password=PASSWORD)
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "the page has a form with a CSRF token"
+    return found.group(1)
+
+
+@pytest.fixture
+def console(env: Callable[..., None]) -> Iterator[TestClient]:
+    """A browser signed in to the console."""
+    make_admin()
+    with TestClient(create_app(), base_url="https://news.example.org") as browser:
+        signed = browser.post("/admin/login", data={"email": EMAIL, "password": PASSWORD, "next": "/admin"},
+                              follow_redirects=False)
+        assert signed.status_code == 303
+        yield browser
+
+
+def test_console_needs_sign_in_and_locks_out_after_wrong_passwords(client: TestClient) -> None:
+    """Pages redirect to sign-in; five wrong passwords lock the account, even against the right one."""
+    make_admin()
+    away = client.get("/admin/subscribers", follow_redirects=False)
+    assert away.status_code == 303
+    assert away.headers["location"] == "/admin/login?next=/admin/subscribers"
+    unknown = client.post("/admin/login", data={"email": "nobody@example.org", "password": "x" * 12})
+    assert unknown.status_code == 401
+    assert "do not match" in unknown.text
+    for _ in range(admins.MAX_FAILURES):
+        wrong = client.post("/admin/login", data={"email": EMAIL, "password": "wrong password"})
+        assert wrong.status_code == 401
+    locked = client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
+    assert locked.status_code == 401
+    assert "locked for 15 more minutes" in locked.text
+    assert "mailer_admin" not in client.cookies
+
+
+def test_sign_in_sets_a_guarded_cookie_and_an_open_redirect_is_refused(client: TestClient) -> None:
+    """The session cookie is HttpOnly, SameSite and Secure on https; `next` only leads inside /admin."""
+    make_admin()
+    signed = client.post("/admin/login", data={"email": EMAIL.upper(), "password": PASSWORD,
+                                               "next": "//evil.example/admin"}, follow_redirects=False)
+    assert signed.status_code == 303
+    assert signed.headers["location"] == "/admin"
+    cookie = signed.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=lax" in cookie
+    assert "secure" in cookie
+    assert client.get("/admin").status_code == 200
+
+
+def test_forms_without_the_csrf_token_change_nothing(console: TestClient) -> None:
+    """A POST without the session's CSRF token (a forged cross-site form) is refused and changes nothing."""
+    forged = console.post("/admin/suppressions", data={"email": "victim@example.org", "reason": "forged"})
+    assert forged.status_code == 400
+    assert "expired" in forged.text
+    page = console.get("/admin/suppressions")
+    assert "victim@example.org" not in page.text
+    token = csrf_of(page.text)
+    added = console.post("/admin/suppressions", data={"email": "victim@example.org", "reason": "asked",
+                                                      "csrf_token": token})
+    assert added.status_code == 200
+    assert "victim@example.org is suppressed." in added.text
+    assert "victim@example.org" in console.get("/admin/suppressions").text
+    signed_out = console.post("/admin/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert signed_out.status_code == 303
+    assert console.get("/admin", follow_redirects=False).status_code == 303
+
+
+def test_dashboard_and_subscriber_pages(console: TestClient) -> None:
+    """The dashboard counts readers; a subscriber can be found, edited and erased from their page."""
+    make_readers(3, categories=("us-russia-relations",))
+    dashboard = console.get("/admin")
+    assert dashboard.status_code == 200
+    assert "<svg" in dashboard.text
+    assert re.search(r"Confirmed</span><b>3</b>", dashboard.text)
+    found = console.get("/admin/subscribers", params={"q": "reader1@"})
+    assert "reader1@example.org" in found.text
+    assert "reader2@example.org" not in found.text
+    reader = subscriber_row("reader1@example.org")
+    assert reader is not None
+    page = console.get(f"/admin/subscribers/{reader.id}")
+    token = csrf_of(page.text)
+    no_reason = console.post(f"/admin/subscribers/{reader.id}", data={"csrf_token": token, "action": "erase"})
+    assert "Say why" in no_reason.text
+    erased = console.post(f"/admin/subscribers/{reader.id}",
+                          data={"csrf_token": token, "action": "erase", "reason": "asked by phone"})
+    assert "Erased" in erased.text
+    assert subscriber_row("reader1@example.org") is None
+    assert console.get("/admin/subscribers/999999").status_code == 404
+
+
+def test_import_page_dry_run_then_import(console: TestClient) -> None:
+    """The import page takes a CSV, shows the dry run's report with the bad rows, then imports on request."""
+    token = csrf_of(console.get("/admin/import").text)
+    content = b"email,name\nann@example.org,Ann\nbroken,Bad\n"
+    uploaded = console.post("/admin/import", data={"csrf_token": token, "dry_run": "true"},
+                            files={"file": ("people.csv", content, "text/csv")})
+    queue.drain()
+    job_page = console.get(str(uploaded.url.path))
+    assert "Dry run of people.csv" in job_page.text
+    assert "Import these rows" in job_page.text
+    assert "broken" in job_page.text
+    run = console.post(f"{uploaded.url.path}/run", data={"csrf_token": token})
+    queue.drain()
+    assert run.status_code == 200
+    assert subscriber_row("ann@example.org") is not None
+    assert "Import of people.csv" in console.get(str(uploaded.url.path)).text
+
+
+def test_campaign_pages_write_preview_test_and_send(console: TestClient, smtp: SmtpSink) -> None:
+    """An admin writes a Markdown campaign, previews it as a reader, sends a test, sends it and reads the log."""
+    make_readers(2)
+    token = csrf_of(console.get("/admin/campaigns/new").text)
+    bad = console.post("/admin/campaigns/new", data={"csrf_token": token, "subject": "", "body": "x",
+                                                     "format": "markdown"})
+    assert bad.status_code == 422
+    assert "subject" in bad.text.lower()
+    created = console.post("/admin/campaigns/new", data={
+        "csrf_token": token, "subject": "Sign the petition, {{ name }}", "format": "markdown",
+        "body": "# Talks, not tanks\n\nDear {{ name }}, [sign here](https://example.org/p).\n\n"
+                "[Leave]({{ unsubscribe_url }})"})
+    assert created.status_code == 200
+    path = created.url.path
+    preview = console.get(path, params={"reader": "reader0@example.org"})
+    assert "Sign the petition, Reader 0" in preview.text
+    assert "/unsubscribe/" in preview.text
+    frame = console.get(f"{path}/preview", params={"reader": "reader0@example.org"})
+    assert "Talks, not tanks</h1>" in frame.text
+    assert "sandbox" in frame.headers["content-security-policy"]
+    tested = console.post(f"{path}/test", data={"csrf_token": token, "emails": "editor@example.org"})
+    assert "editor@example.org: sent" in tested.text
+    sent = console.post(f"{path}/action", data={"csrf_token": token, "do": "send"})
+    assert sent.status_code == 200
+    queue.drain()
+    progress = console.get(f"{path}/progress").json()
+    assert progress["counts"]["sent"] == 2
+    log = console.get(f"{path}/deliveries", params={"q": "reader1"})
+    assert "reader1@example.org" in log.text
+    assert "reader0@example.org" not in log.text
+    assert console.get("/admin/campaigns").status_code == 200
+
+
+def test_outbox_shows_what_readers_get(env: Callable[..., None]) -> None:
+    """With no SMTP server, the dev inbox lists the outbox's mail and shows its parts."""
+    env(smtp_url="")
+    make_admin()
+    with TestClient(create_app(), base_url="https://news.example.org") as browser:
+        browser.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
+        browser.post("/subscribe", data={"email": "newcomer@example.org", "name": "New"})
+        queue.drain()
+        listing = browser.get("/admin/outbox")
+        assert "newcomer@example.org" in listing.text
+        key = re.search(r'href="/admin/outbox/([^"]+)"', listing.text)
+        assert key
+        shown = browser.get(f"/admin/outbox/{key.group(1)}")
+        assert "Please confirm your subscription" in shown.text
+        assert "https://news.example.org/confirm/" in shown.text
+        html = browser.get(f"/admin/outbox/{key.group(1)}/html")
+        assert "sandbox" in html.headers["content-security-policy"]
+        assert "/confirm/" in html.text
+        assert browser.get("/admin/outbox/..%2Fsecret").status_code == 404
