@@ -7,6 +7,7 @@ are emptied between tests; the schema comes from the real Alembic migrations.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -20,8 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import uvicorn
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, sync_playwright
 from sqlalchemy import delete, select
 
 from mailer import queue
@@ -289,3 +292,34 @@ def make_readers(count: int, *, prefix: str = "reader", categories: tuple[str, .
             session.execute(insert(subscriber_categories),
                             [{"subscriber_id": s, "category_id": c} for s in ids for c in wanted])
     return ids
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def server(env: Callable[..., None]) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env(base_url=base)
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield base
+    server.should_exit = True
+    thread.join(timeout=10)

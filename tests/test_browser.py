@@ -3,50 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-import uvicorn
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from mailer import queue
 from mailer.models import Status
-from mailer.web.app import create_app
-from tests.conftest import SmtpSink, free_port, subscriber_row
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def server(env: Callable[..., None]) -> Iterator[str]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env(base_url=base)
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+from tests.conftest import ARTIFACTS, SmtpSink, subscriber_row
 
 
 @pytest.mark.slow
