@@ -114,3 +114,33 @@ def test_campaign_commands(tmp_path: Path, env, backend: str, smtp) -> None:  # 
     assert (again.returncode, again.stderr.strip()) == (1, f"Error: Campaign {campaign_id} is finished; it cannot "
                                                             "become paused.")
     assert "Traceback" not in again.stderr + sent.stderr + bad.stderr
+
+
+def test_admin_and_subscriber_commands(tmp_path: Path) -> None:
+    """`admin create`, then `subscribers import` (with a bad row), `export` and `erase`, with readable output."""
+    db = {"MAILER_DATABASE_URL": f"sqlite:///{tmp_path}/m.db", "MAILER_SECRET_KEY": "cli-test-secret-0123456789abcd"}
+    assert run(["db", "upgrade"], tmp_path, **db).returncode == 0
+    short = run(["admin", "create", "Editor@News.example.org", "--password", "short"], tmp_path, **db)
+    assert (short.returncode, short.stderr.strip()) == (1, "Error: password: A password needs at least 10 characters.")
+    made = run(["admin", "create", "Editor@News.example.org", "--password", "long enough pass"], tmp_path, **db)
+    assert made.returncode == 0, made.stderr
+    assert "Admin created: editor@news.example.org" in made.stdout
+    again = run(["admin", "create", "editor@news.example.org", "--password", "long enough pass"], tmp_path, **db)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+    people = tmp_path / "people.csv"
+    people.write_text("email,name,frequency\nann@example.org,Ann,weekly\nnot-an-address,Bad,daily\n", encoding="utf-8")
+    imported = run(["subscribers", "import", str(people)], tmp_path, **db)
+    assert imported.returncode == 0, imported.stderr
+    assert "2 rows: added 1, updated 0, unchanged 0, skipped 0, errors 1." in imported.stdout
+    assert "line 3: not-an-address: email:" in imported.stdout
+    missing = run(["subscribers", "import", str(tmp_path / "nope.csv")], tmp_path, **db)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("Error: path: Cannot read")
+    exported = run(["subscribers", "export"], tmp_path, **db)
+    assert exported.stdout.splitlines()[1].startswith("ann@example.org,Ann,,weekly,confirmed,")
+    no_reason = run(["subscribers", "erase", "ann@example.org", "--reason", " "], tmp_path, **db)
+    assert no_reason.returncode == 1
+    erased = run(["subscribers", "erase", "ANN@example.org", "--reason", "asked by mail"], tmp_path, **db)
+    assert erased.returncode == 0, erased.stderr
+    assert "ann@" not in run(["subscribers", "export"], tmp_path, **db).stdout
