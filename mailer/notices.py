@@ -91,7 +91,9 @@ def _send_claimed(notice_id: int) -> str:
         notice = session.get(Notice, notice_id)
         assert notice is not None
         subscriber = store.subscriber(session, notice.subscriber_id)
-        if not _still_wanted(notice, subscriber):
+        # An address an admin blocked gets no mail at all, not even a confirmation link.
+        blocked = subscriber is not None and store.blocked_by_admin(session, subscriber.email_hash)
+        if blocked or not _still_wanted(notice, subscriber):
             store.finish_notice(session, notice_id, NoticeState.skipped)
             return NoticeState.skipped.value
         assert subscriber is not None

@@ -323,3 +323,24 @@ def drop_unsent_notices(session: Session, subscriber_id: int) -> None:
         update(Notice).where(Notice.subscriber_id == subscriber_id, Notice.state == NoticeState.pending)
         .values(state=NoticeState.skipped, error="The subscriber was erased.")
     )
+
+
+# An admin's own block (a spam trap, a legal request) holds even against the person's fresh consent.
+ADMIN_BLOCK = "admin"
+
+
+def blocked_by_admin(session: Session, email_hash: str | None) -> bool:
+    if email_hash is None:
+        return False
+    return session.scalar(select(Suppression.id).where(Suppression.email_hash == email_hash,
+                                                       Suppression.reason == ADMIN_BLOCK)) is not None
+
+
+def lift_suppression(session: Session, email_hash: str | None) -> list[str]:
+    """The person confirmed a fresh sign-up through a mailed link: the address works and they want mail
+    again, so an entry from a bounce, a complaint or an earlier erasure goes. Returns the reasons lifted."""
+    if email_hash is None:
+        return []
+    reasons = list(session.scalars(delete(Suppression).where(
+        Suppression.email_hash == email_hash, Suppression.reason != ADMIN_BLOCK).returning(Suppression.reason)))
+    return reasons

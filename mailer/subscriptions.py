@@ -172,7 +172,11 @@ def confirm(session: Session, *, token: str, origin: Origin) -> tuple[Subscriber
     subscriber.confirmed_at = utcnow()
     subscriber.unsubscribed_at = None
     subscriber.confirm_nonce = None
-    _record(session, subscriber, "confirm", origin)
+    lifted = store.lift_suppression(session, subscriber.email_hash)
+    if lifted:
+        _record(session, subscriber, "confirm", origin, lifted_suppression=lifted)
+    else:
+        _record(session, subscriber, "confirm", origin)
     welcome = None
     if get_settings().send_welcome:
         welcome = Notice(subscriber_id=subscriber.id, kind=NoticeKind.welcome)
@@ -281,8 +285,8 @@ def suppress(session: Session, *, subscriber: Subscriber, reason: str, origin: O
     """Put the address on the suppression list: it gets no mail of any kind, whatever its status."""
     if subscriber.email_hash is None:
         return
-    store.add_suppression(session, email_hash=subscriber.email_hash, email=subscriber.email, reason="admin",
-                          detail=reason)
+    store.add_suppression(session, email_hash=subscriber.email_hash, email=subscriber.email,
+                          reason=store.ADMIN_BLOCK, detail=reason)
     _record(session, subscriber, "suppress", origin, reason=reason[:500])
 
 

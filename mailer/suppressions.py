@@ -56,7 +56,7 @@ def entries(session: Session, *, query: str = "", before_id: int | None = None, 
 def add(session: Session, *, email: str, reason: str, actor: str) -> None:
     address, key = normalize_email(email)
     why = _reason(reason)
-    store.add_suppression(session, email_hash=hash_email(key), email=address, reason="admin", detail=why)
+    store.add_suppression(session, email_hash=hash_email(key), email=address, reason=store.ADMIN_BLOCK, detail=why)
     admins.record(session, actor=actor, action="suppress", target=address, reason=why)
 
 

@@ -193,3 +193,30 @@ def test_subscriber_view_edit_and_unsubscribe(admin: TestClient) -> None:
     assert view["name"] == "Val"
     assert view["categories"] == ["us-nato-relations"]
     assert admin.get("/api/subscribers/123456").status_code == 404
+
+
+def test_an_erased_person_can_come_back_on_their_own_but_an_admin_block_holds(admin: TestClient,
+                                                                               smtp: SmtpSink) -> None:
+    """Confirming a fresh sign-up lifts an erasure's suppression; an admin's block gets no mail at all."""
+    from tests.conftest import sign_up
+    from tests.mails import confirm_link
+
+    upload(admin, "email,name\nback@example.org,Back\n")
+    back = subscriber_row("back@example.org")
+    assert back is not None
+    admin.post(f"/api/subscribers/{back.id}/erase", json={"reason": "asked"})
+    sign_up(admin, "back@example.org", name="Back Again")
+    [mail] = smtp.wait_for(1)
+    admin.post(confirm_link(mail).removeprefix("https://news.example.org"))
+    returned = subscriber_row("back@example.org")
+    assert returned is not None
+    assert returned.status == "confirmed"
+    assert admin.get("/api/suppressions", params={"q": "erased"}).json() == []
+    assert consent_actions("back@example.org")[-1] == "confirm"
+
+    admin.post("/api/suppressions", json={"email": "trap@example.org", "reason": "spam trap"})
+    smtp.clear()
+    sign_up(admin, "trap@example.org")
+    queue.drain()
+    time.sleep(0.3)
+    assert smtp.messages == [], "no confirmation mail to an address an admin blocked"

@@ -120,6 +120,9 @@ def action(who: Who, campaign_id: int, csrf_token: str = Form(""), do: str = For
 
     def change() -> str:
         with session_scope() as session:
+            if do in {"send", "pause", "resume", "cancel", "schedule"}:
+                admins.record(session, actor=who.email, action=f"campaign-{do}", target=f"campaign {campaign_id}",
+                              reason=at if do == "schedule" else "")
             if do == "send":
                 started = campaigns.start(session, campaign_id)
             elif do == "pause":
