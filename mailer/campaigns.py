@@ -305,10 +305,10 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
-    from mailer import feeds, notices
+    from mailer import feeds, imap, inbound, notices
 
     # Each chore stands alone: one failing (a hostile feed, say) must not stop the others.
-    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due):
+    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due, imap.poll_due, inbound.requeue_pending):
         try:
             chore()
         except Exception:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mailer.cli_campaigns import app as campaign_app
 from mailer.cli_digests import articles_app, digest_app, preview
+from mailer.cli_inbound import app as inbound_app
 from mailer.config import Settings, describe_error, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Newsletter and subscriber mailer.")
@@ -19,6 +20,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(articles_app, name="articles")
 app.add_typer(digest_app, name="digest")
+app.add_typer(inbound_app, name="inbound")
 app.command("preview")(preview)
 
 

@@ -12,7 +12,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from mailer import queue, render, store, tokens
+from mailer import addresses, queue, render, store, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import MailerError
@@ -43,7 +43,7 @@ def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
         context["confirm_url"] = f"{settings.base_url}/confirm/{token}"
         context["ttl_hours"] = int(settings.confirm_ttl_hours)
         # A confirmation goes to someone who has not agreed yet: no preference links in it.
-        del context["unsubscribe_url"], context["preferences_url"]
+        del context["unsubscribe_url"], context["preferences_url"], context["unsubscribe_mailto"]
     return context
 
 
@@ -97,12 +97,13 @@ def _send_claimed(notice_id: int) -> str:
         assert subscriber is not None
         context = _context(subscriber, notice.kind)
         headers = {} if notice.kind is NoticeKind.confirm else render.list_headers(
-            unsubscribe_url=context["unsubscribe_url"])
+            unsubscribe_url=context["unsubscribe_url"], mailto=context["unsubscribe_mailto"])
         message = render.build_message(
             render.render(notice.kind.value, context), to_email=subscriber.email, to_name=subscriber.name,
             headers=headers,
         )
-        envelope = Envelope(settings.from_address, subscriber.email, render.to_bytes(message))
+        # Each notice has its own return path, so a bounce of it names the notice (and so its reader).
+        envelope = Envelope(addresses.notice_return_path(notice_id), subscriber.email, render.to_bytes(message))
         message_id = str(message["Message-ID"])
 
     async def deliver() -> Any:

@@ -24,9 +24,10 @@ _futures: set[Future[None]] = set()
 
 
 def _jobs() -> dict[str, Callable[..., object]]:
-    from mailer import campaigns, delivery, notices
+    from mailer import campaigns, delivery, imap, inbound, notices
 
-    return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick}
+    return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick,
+            "process_inbound": inbound.process, "poll_mailbox": imap.poll_task}
 
 
 def _run(name: str, args: tuple[int, ...]) -> None:

@@ -275,3 +275,12 @@ def mark_bounced(session: Session, *, subscriber: Subscriber, detail: str, origi
     subscriber.status = Status.bounced
     subscriber.confirm_nonce = None
     _record(session, subscriber, "bounce", origin, detail=detail[:500])
+
+
+def mark_complained(session: Session, *, subscriber: Subscriber, detail: str, origin: Origin) -> None:
+    """A spam complaint: this reader is never mailed again, not even to confirm a new sign-up."""
+    if subscriber.status is Status.complained:
+        return
+    subscriber.status = Status.complained
+    subscriber.confirm_nonce = None
+    _record(session, subscriber, "complaint", origin, detail=detail[:500])

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mailer import campaigns, delivery, notices
+from mailer import campaigns, delivery, imap, inbound, notices
 from mailer.celery_app import app
 from mailer.config import get_settings
 
@@ -72,3 +72,16 @@ def run_campaign(self: Any, campaign_id: int) -> str:
 @app.task(name="mailer.tick", ignore_result=True)  # type: ignore[untyped-decorator]
 def tick() -> dict[str, int]:
     return campaigns.tick()
+
+
+@app.task(bind=True, name="mailer.process_inbound")  # type: ignore[untyped-decorator]
+@bounded
+def process_inbound(self: Any, inbound_id: int) -> str:
+    # No retry: a row that fails is kept as unclassified; one whose task was lost is re-queued by the tick.
+    return inbound.process(inbound_id)
+
+
+@app.task(bind=True, name="mailer.poll_mailbox", ignore_result=True)  # type: ignore[untyped-decorator]
+@bounded
+def poll_mailbox(self: Any) -> dict[str, int]:
+    return imap.poll_task()

@@ -15,7 +15,7 @@ from mailer import __version__, queue
 from mailer.config import get_settings
 from mailer.db import engine
 from mailer.errors import Conflict, InvalidInput, MailerError, NotFound, RateLimited
-from mailer.web import api, campaigns_api, digests_api, public
+from mailer.web import api, campaigns_api, digests_api, inbound_api, public, webhooks_api
 
 
 def _is_api(request: Request) -> bool:
@@ -48,6 +48,8 @@ def create_app(*, background: bool = False) -> FastAPI:
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
     app.include_router(digests_api.router)
+    app.include_router(inbound_api.router)
+    app.include_router(webhooks_api.router)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -80,7 +82,8 @@ def create_app(*, background: bool = False) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-        if _is_api(request) or request.url.path in {"/healthz", "/docs", "/openapi.json"}:
+        machine = request.url.path.startswith("/webhooks/") or request.url.path in {"/healthz", "/docs", "/openapi.json"}
+        if _is_api(request) or machine:
             return JSONResponse({"detail": error.detail}, status_code=error.status_code,
                                 headers=getattr(error, "headers", None))
         heading = "Page not found" if error.status_code == 404 else "Something is not right"
