@@ -256,8 +256,8 @@ async def _run(campaign_id: int) -> bool:
             if batch.sender_refused is not None:
                 refused = batch.sender_refused
                 reason = (f"Paused automatically: the SMTP server refused the sender {settings.return_path_base} "
-                          f"({refused.code} {refused.text}). Check MAILER_BOUNCE_ADDRESS (or MAILER_FROM) and the server, "
-                          "then resume.")
+                          f"({refused.code} {refused.text}). Check MAILER_BOUNCE_ADDRESS (or MAILER_FROM) and the "
+                          "server, then resume.")
                 log.warning("campaign %s: %s", campaign_id, reason)
                 with session_scope() as session:
                     campaigns.pause(session, campaign_id, reason=reason)

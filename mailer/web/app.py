@@ -82,7 +82,8 @@ def create_app(*, background: bool = False) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-        machine = request.url.path.startswith("/webhooks/") or request.url.path in {"/healthz", "/docs", "/openapi.json"}
+        path = request.url.path
+        machine = path.startswith("/webhooks/") or path in {"/healthz", "/docs", "/openapi.json"}
         if _is_api(request) or machine:
             return JSONResponse({"detail": error.detail}, status_code=error.status_code,
                                 headers=getattr(error, "headers", None))
