@@ -130,7 +130,7 @@ def test_refused_sender_pauses_and_blames_nobody(admin: TestClient, env: Callabl
         campaign_id = create(admin)
         admin.post(f"/api/campaigns/{campaign_id}/send")
         paused = wait_until(admin, campaign_id, statuses=("paused",))
-        assert "refused the sender newsletter@news.example.org (553 5.1.8" in paused["status_reason"]
+        assert "refused the sender bounces@news.example.org (553 5.1.8" in paused["status_reason"]
         assert paused["counts"]["failed"] == 0
         for email, row in deliveries(campaign_id).items():
             assert row.state.value in {"pending", "deferred"}, (email, row.state)
