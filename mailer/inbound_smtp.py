@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
@@ -47,5 +45,5 @@ class Handler:
 def controller(host: str, port: int) -> Controller:
     """A listener on host:port; `start()` and `stop()` it."""
     settings = get_settings()
-    kwargs: dict[str, Any] = {"data_size_limit": settings.inbound_max_bytes, "decode_data": False}
-    return Controller(Handler(), hostname=host, port=port, server_kwargs=kwargs)
+    return Controller(Handler(), hostname=host, port=port, data_size_limit=settings.inbound_max_bytes,
+                      decode_data=False)
