@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session

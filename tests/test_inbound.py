@@ -13,7 +13,7 @@ from mailer import bounces, reports
 from mailer.db import session_scope
 from mailer.models import Campaign, CampaignStatus, InboundKind, Status, Subscriber, Suppression
 from tests.conftest import subscriber_row
-from tests.inbound_helpers import Sent, sample, sent_campaign, take_in
+from tests.inbound_helpers import sample, sent_campaign, take_in
 
 
 @pytest.mark.parametrize(("name", "kind", "action", "status"), [
@@ -103,7 +103,9 @@ def test_a_delay_warning_counts_nothing(env: Callable[..., None]) -> None:
     row = take_in(sample("postfix_delayed", **sent.values()))
     assert (row.kind, row.status_code) == (InboundKind.delay, "4.4.1")
     reader = subscriber_row(sent.email)
-    assert reader is not None and reader.status is Status.confirmed and reader.bounce_score == 0
+    assert reader is not None
+    assert reader.status is Status.confirmed
+    assert reader.bounce_score == 0
 
 
 def _backdate_last_bounce(email: str, days: float) -> None:
@@ -123,7 +125,8 @@ def test_soft_bounces_add_up_once_a_day_to_five_within_seven_days(env: Callable[
         again = take_in(sample("gmail_mailbox_full", **sent.values()))
         assert "already counted today" in again.detail
         reader = subscriber_row(sent.email)
-        assert reader is not None and (reader.status, reader.bounce_score) == (Status.confirmed, day)
+        assert reader is not None
+        assert (reader.status, reader.bounce_score) == (Status.confirmed, day)
         _backdate_last_bounce(sent.email, 1)
     row = take_in(sample("gmail_mailbox_full", **sent.values()))
     assert "reached the threshold" in row.detail
@@ -141,7 +144,8 @@ def test_the_soft_bounce_score_starts_again_after_a_quiet_week(env: Callable[...
     _backdate_last_bounce(sent.email, 8)
     take_in(sample("gmail_mailbox_full", **sent.values()))
     reader = subscriber_row(sent.email)
-    assert reader is not None and (reader.status, reader.bounce_score) == (Status.confirmed, 1)
+    assert reader is not None
+    assert (reader.status, reader.bounce_score) == (Status.confirmed, 1)
 
 
 @pytest.mark.parametrize("name", ["yahoo_arf", "outlook_jmrp_arf"])
@@ -159,7 +163,8 @@ def test_a_complaint_suppresses_at_once_and_pauses_a_campaign_past_the_rate(env:
     assert _suppressed(target.email) == "complaint"
     with session_scope() as session:
         campaign = session.get(Campaign, target.campaign_id)
-        assert campaign is not None and campaign.status is CampaignStatus.paused
+        assert campaign is not None
+        assert campaign.status is CampaignStatus.paused
         assert "1 spam complaint for 100 mails sent (1.00%; the limit is 0.30%)" in campaign.status_reason
 
 
@@ -192,7 +197,8 @@ def test_the_mailto_unsubscribes_its_reader_and_only_with_a_valid_token(env: Cal
     assert subscriber_row(first.email).status is Status.unsubscribed
     plain = take_in(sample("unsubscribe_request", to="unsubscribe@news.example.org", rcpt=second.email),
                     rcpt_to=["unsubscribe@news.example.org"])
-    assert plain.kind is InboundKind.unclassified and "without a valid token" in plain.detail
+    assert plain.kind is InboundKind.unclassified
+    assert "without a valid token" in plain.detail
     bad = mailto.replace(mailto.split("-")[-1].split("@")[0], "b" * 16)
     take_in(sample("unsubscribe_request", to=bad, rcpt=second.email), rcpt_to=[bad])
     assert subscriber_row(second.email).status is Status.confirmed
@@ -216,7 +222,8 @@ def test_processing_twice_acts_once(env: Callable[..., None]) -> None:
     row = take_in(sample("gmail_mailbox_full", **sent.values()))
     assert inbound.process(row.id) == "already-processed"
     reader = subscriber_row(sent.email)
-    assert reader is not None and reader.bounce_score == 1
+    assert reader is not None
+    assert reader.bounce_score == 1
 
 
 def test_admins_read_what_came_back_through_the_api(admin: TestClient) -> None:
@@ -226,14 +233,17 @@ def test_admins_read_what_came_back_through_the_api(admin: TestClient) -> None:
     reply = take_in(sample("human_reply", **sent.values()))
     listed = admin.get("/api/inbound").json()
     assert [item["id"] for item in listed] == [reply.id, bounce.id]
-    assert listed[1]["kind"] == "bounce" and listed[1]["severity"] == "hard" and listed[1]["status_code"] == "5.1.1"
+    assert listed[1]["kind"] == "bounce"
+    assert listed[1]["severity"] == "hard"
+    assert listed[1]["status_code"] == "5.1.1"
     assert "raw" not in listed[0]
     assert [item["id"] for item in admin.get("/api/inbound?kind=unclassified").json()] == [reply.id]
     one = admin.get(f"/api/inbound/{reply.id}").json()
     assert "Could you send me the full text" in one["raw"]
     assert one["subject"] == "Re: Petition: talks, not tanks"
     missing = admin.get("/api/inbound/999999")
-    assert missing.status_code == 404 and "no inbound message 999999" in missing.json()["detail"]
+    assert missing.status_code == 404
+    assert "no inbound message 999999" in missing.json()["detail"]
     assert admin.get("/api/inbound?kind=nonsense").status_code == 422
     admin.headers.pop("Authorization")
     assert admin.get("/api/inbound").status_code == 401
