@@ -36,6 +36,11 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
         ("MAILER_CONFIRM_TTL_HOURS", "soon", "MAILER_CONFIRM_TTL_HOURS"),
         ("MAILER_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "MAILER_TRUSTED_PROXIES has 'proxy'"),
         ("MAILER_BROKER_URL", "localhost:6379", "MAILER_BROKER_URL must be empty or a redis://"),
+        ("MAILER_INBOUND_URL", "pop3://u:p@mail/INBOX", "MAILER_INBOUND_URL must be empty or imaps://"),
+        ("MAILER_BOUNCE_ADDRESS", "bounces", "MAILER_BOUNCE_ADDRESS must be a plain address"),
+        ("MAILER_ADDRESS_DELIMITER", "#", "MAILER_ADDRESS_DELIMITER must be one of + - = _"),
+        ("MAILER_SENDGRID_PUBLIC_KEY", "not-a-key", "MAILER_SENDGRID_PUBLIC_KEY is not an ECDSA public key"),
+        ("MAILER_SNS_CERT_URL_PREFIXES", "ftp://certs", "MAILER_SNS_CERT_URL_PREFIXES has 'ftp://certs'"),
     ],
 )
 def test_bad_setting_stops_with_one_sentence_naming_it(tmp_path: Path, variable: str, value: str, says: str) -> None:
