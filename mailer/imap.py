@@ -30,6 +30,8 @@ from mailer.models import UNDERSTOOD, InboundMessage, utcnow
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 50
+# UIDs per STORE / EXPUNGE command and per database look-up, so neither grows with the mailbox.
+UID_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,15 @@ def _delete_understood(client: imaplib.IMAP4, prefix: str) -> int:
     if not rows:
         return 0
     uids = [ref.removeprefix(prefix) for _id, ref in rows if ref]
-    status, _ = client.uid("STORE", ",".join(uids), "+FLAGS.SILENT", r"(\Deleted)")
-    if status != "OK":
-        raise MailboxError("the server refused to mark messages deleted")
-    # UID EXPUNGE (RFC 4315) removes only ours; plain EXPUNGE would also remove what a person marked.
-    if "UIDPLUS" in client.capabilities:
-        client.uid("EXPUNGE", ",".join(uids))
-    else:
+    for start in range(0, len(uids), UID_BATCH):
+        chunk = ",".join(uids[start:start + UID_BATCH])
+        status, _ = client.uid("STORE", chunk, "+FLAGS.SILENT", r"(\Deleted)")
+        if status != "OK":
+            raise MailboxError("the server refused to mark messages deleted")
+        # UID EXPUNGE (RFC 4315) removes only ours; plain EXPUNGE would also remove what a person marked.
+        if "UIDPLUS" in client.capabilities:
+            client.uid("EXPUNGE", chunk)
+    if "UIDPLUS" not in client.capabilities:
         client.expunge()
     with session_scope() as session:
         session.execute(update(InboundMessage).where(InboundMessage.id.in_([i for i, _ in rows]))
@@ -118,9 +122,11 @@ def _import_new(client: imaplib.IMAP4, prefix: str) -> int:
     uids = [uid.decode() for uid in (data[0] or b"").split()]
     if not uids:
         return 0
+    seen: set[str | None] = set()
     with session_scope() as session:
-        seen = set(session.scalars(select(InboundMessage.source_ref).where(
-            InboundMessage.source_ref.in_([prefix + uid for uid in uids]))))
+        for start in range(0, len(uids), UID_BATCH):
+            refs = [prefix + uid for uid in uids[start:start + UID_BATCH]]
+            seen.update(session.scalars(select(InboundMessage.source_ref).where(InboundMessage.source_ref.in_(refs))))
     new = [uid for uid in uids if prefix + uid not in seen]
     stored = 0
     max_bytes = get_settings().inbound_max_bytes

@@ -155,6 +155,20 @@ def _recipients(row: InboundMessage, message: Message) -> list[str]:
     return values
 
 
+MAIL_SYSTEM_SENDERS = ("mailer-daemon", "postmaster", "mail-daemon", "mailerdaemon", "double-bounce", "mdaemon")
+
+
+def _from_mail_system(row: InboundMessage, message: Message) -> bool:
+    """Whether a mail comes from a mail system, as bounces do: a null sender, or a mailer-daemon's From."""
+    if row.channel == "smtp" and row.mail_from.strip("<> ") == "":
+        return True
+    if str(message.get("Return-Path") or "").strip() == "<>":
+        return True
+    sender = getaddresses([str(message.get("From") or "")])
+    local = sender[0][1].partition("@")[0].lower() if sender else ""
+    return local in MAIL_SYSTEM_SENDERS
+
+
 def _unsubscribe(session: Session, tagged: Tagged | None, row: InboundMessage) -> Verdict:
     if tagged is None:
         return Verdict(InboundKind.unclassified,
@@ -183,6 +197,9 @@ def _read_mail(session: Session, row: InboundMessage) -> Verdict:
     unsubscribes = [tag for role, tag in ours if role == "unsubscribe"]
     tagged = next((tag for role, tag in ours if role == "bounces" and tag is not None), None)
     report = reports.parse(row.raw)
+    if report.kind == "bounce" and not _from_mail_system(row, message):
+        # flufl.bounce's heuristics read text; a person's reply that happens to match them is not a bounce.
+        report = reports.Report("other", [], report.original, auto_submitted=report.auto_submitted)
     if report.kind == "other" and unsubscribes:
         return _unsubscribe(session, next((t for t in unsubscribes if t is not None), None), row)
     if report.kind == "other":

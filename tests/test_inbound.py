@@ -247,3 +247,18 @@ def test_admins_read_what_came_back_through_the_api(admin: TestClient) -> None:
     assert admin.get("/api/inbound?kind=nonsense").status_code == 422
     admin.headers.pop("Authorization")
     assert admin.get("/api/inbound").status_code == 401
+
+
+def test_a_non_standard_bounce_must_come_from_a_mail_system(env: Callable[..., None]) -> None:
+    """Exim's plain-text bounce is acted on from Mailer-Daemon with a null sender; the same text sent by a
+    person (a forwarded bounce, say) is kept for a person and bounces nobody."""
+    [sent] = sent_campaign(1)
+    raw = sample("exim_failed", **sent.values())
+    forwarded = raw.replace(b"Return-path: <>", b"Return-path: <dana@example.org>", 1).replace(
+        b"From: Mail Delivery System <Mailer-Daemon@relay.example.net>", b"From: Dana <dana@example.org>", 1)
+    row = take_in(forwarded, channel="imap")
+    assert row.kind is InboundKind.unclassified
+    assert subscriber_row(sent.email).status is Status.confirmed
+    row = take_in(raw, channel="imap")
+    assert (row.kind, row.severity) == (InboundKind.bounce, "hard")
+    assert subscriber_row(sent.email).status is Status.bounced

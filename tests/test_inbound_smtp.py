@@ -141,3 +141,21 @@ def test_a_reader_who_unsubscribes_by_mail_mid_campaign_gets_nothing_after(admin
     wait_until(admin, third)
     assert len(smtp.wait_for(39)) == 39
     assert smtp.to(target) == []
+
+
+def test_a_bounced_confirmation_mail_stops_mail_to_that_address(client: TestClient, smtp: SmtpSink,
+                                                                 listener: int) -> None:
+    """A confirmation mail has its own return path too: its hard bounce marks the sign-up bounced and
+    suppresses the address, so no further confirmation mail is tried."""
+    from tests.conftest import sign_up
+
+    sign_up(client, "typo@example.org")
+    [confirmation] = smtp.wait_for(1)
+    assert re.fullmatch(r"bounces\+n\d+-[a-z2-7]{16}@news\.example\.org", confirmation.sender)
+    dsn = sample("gmail_user_unknown", return_path=confirmation.sender, rcpt="typo@example.org",
+                 message_id=str(confirmation.message["Message-ID"]))
+    send_to_listener(listener, dsn, rcpt=confirmation.sender)
+    queue.drain()
+    assert subscriber_row("typo@example.org").status is Status.bounced
+    [row] = rows()
+    assert (row.kind, row.severity, row.delivery_id) == (InboundKind.bounce, "hard", None)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from mailer import inbound, webhooks
 from mailer.config import get_settings
@@ -49,26 +50,15 @@ def _store(channel: str, items: list[tuple[str, bytes]]) -> int:
     return stored
 
 
-@router.post("/{provider}")
-async def webhook(
-    provider: str,
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_webhook_token: Annotated[str | None, Header()] = None,
-    token: Annotated[str | None, Query(max_length=500)] = None,
-    x_twilio_email_event_webhook_signature: Annotated[str | None, Header()] = None,
-    x_twilio_email_event_webhook_timestamp: Annotated[str | None, Header()] = None,
-) -> JSONResponse:
-    if provider not in webhooks.PROVIDERS:
-        return _answer(404, f"There is no webhook for {provider[:40]!r}; use one of {', '.join(webhooks.PROVIDERS)}.")
+def _handle(provider: str, body: bytes, *, authorization: str | None, token: str | None,
+            signature: str | None, timestamp: str | None) -> JSONResponse:
+    """Verify and store, in a worker thread: fetching an SNS certificate and writing rows both block."""
     try:
-        body = await _body(request)
         if provider == "sendgrid":
-            webhooks.verify_sendgrid(signature=x_twilio_email_event_webhook_signature,
-                                     timestamp=x_twilio_email_event_webhook_timestamp, body=body)
+            webhooks.verify_sendgrid(signature=signature, timestamp=timestamp, body=body)
             items = webhooks.split_sendgrid(_json(body))
         elif provider == "postmark":
-            webhooks.check_postmark(authorization=authorization, token=x_webhook_token or token)
+            webhooks.check_postmark(authorization=authorization, token=token)
             items = webhooks.split_postmark(_json(body))
         else:
             message = _json(body)
@@ -92,3 +82,24 @@ async def webhook(
         return _answer(503, "The events could not be stored just now; please retry.")
     return _answer(200, f"{stored} event{'s' if stored != 1 else ''} stored.", stored=stored,
                    received=len(items))
+
+
+@router.post("/{provider}")
+async def webhook(
+    provider: str,
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_webhook_token: Annotated[str | None, Header()] = None,
+    token: Annotated[str | None, Query(max_length=500)] = None,
+    x_twilio_email_event_webhook_signature: Annotated[str | None, Header()] = None,
+    x_twilio_email_event_webhook_timestamp: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    if provider not in webhooks.PROVIDERS:
+        return _answer(404, f"There is no webhook for {provider[:40]!r}; use one of {', '.join(webhooks.PROVIDERS)}.")
+    try:
+        body = await _body(request)
+    except Rejected as rejected:
+        return _answer(rejected.status, rejected.message)
+    return await run_in_threadpool(_handle, provider, body, authorization=authorization,
+                                   token=x_webhook_token or token, signature=x_twilio_email_event_webhook_signature,
+                                   timestamp=x_twilio_email_event_webhook_timestamp)
