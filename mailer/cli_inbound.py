@@ -17,6 +17,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 2525,
 ) -> None:
     """Take bounces and unsubscribe mails over SMTP from the site's MTA."""
+    from mailer import queue
     from mailer.cli import settings
     from mailer.inbound_smtp import controller
     from mailer.logs import configure
@@ -39,6 +40,9 @@ def serve(
         pass
     finally:
         listener.stop()
+        # Without a broker, stored messages are processed in this process: let that finish.
+        queue.drain(timeout=30)
+    typer.echo("Stopped.")
 
 
 @app.command("poll")

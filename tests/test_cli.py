@@ -119,3 +119,45 @@ def test_campaign_commands(tmp_path: Path, env, backend: str, smtp) -> None:  # 
     assert (again.returncode, again.stderr.strip()) == (1, f"Error: Campaign {campaign_id} is finished; it cannot "
                                                             "become paused.")
     assert "Traceback" not in again.stderr + sent.stderr + bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_inbound_serve_takes_an_unsubscribe_mail(tmp_path: Path, env, backend: str, smtp) -> None:  # type: ignore[no-untyped-def]
+    """`mailer inbound serve` listens on its port, and a mail to a reader's mailto unsubscribes them."""
+    import signal
+    import smtplib
+
+    from mailer import addresses
+    from tests.conftest import base_env, make_readers, subscriber_row
+    from tests.inbound_helpers import sample
+
+    [reader_id] = make_readers(1)
+    mailto = addresses.unsubscribe_mailto(reader_id)
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    process = subprocess.Popen([*MAILER, "inbound", "serve", "--port", str(port)], cwd=tmp_path,
+                               env={**clean, **base_env(backend, smtp.port, tmp_path / "outbox")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the listener did not start"
+                time.sleep(0.2)
+        with client:
+            client.sendmail("reader0@example.org", [mailto],
+                            sample("unsubscribe_request", to=mailto, rcpt="reader0@example.org"))
+        deadline = time.monotonic() + 20
+        while subscriber_row("reader0@example.org").status.value != "unsubscribed":
+            assert time.monotonic() < deadline, "the mail was not processed"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert f"on 127.0.0.1:{port}" in output
+    assert process.returncode == 0, output
+    assert "Traceback" not in output

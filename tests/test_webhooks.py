@@ -301,3 +301,13 @@ def test_sendgrid_signed_events(client: TestClient, sendgrid_key: ec.EllipticCur
     assert subscriber_row(left.email).status is Status.unsubscribed
     complaint = next(row for row in inbound_rows() if row.kind is InboundKind.complaint)
     assert complaint.delivery_id == reported.delivery_id
+
+
+def test_a_webhook_body_over_the_limit_is_refused(client: TestClient, env: Callable[..., None]) -> None:
+    """A body larger than MAILER_INBOUND_MAX_BYTES gets 413 with a sentence, and nothing is stored."""
+    env(inbound_max_bytes="10000", postmark_webhook_token="hook-token-456")
+    big = [postmark_bounce(f"reader{i}@example.org") for i in range(40)]
+    answer = client.post("/webhooks/postmark?token=hook-token-456", json=big)
+    assert answer.status_code == 413
+    assert "MAILER_INBOUND_MAX_BYTES" in answer.json()["detail"]
+    assert inbound_rows() == []
