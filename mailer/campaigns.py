@@ -267,7 +267,8 @@ async def send_test(campaign_id: int, emails: list[str]) -> dict[str, Result]:
             test_id = f"<test.{campaign_id}.{tokens.make_nonce()}@{settings.list_domain}>"
             data = variants.for_reader(reader).personalise(reader, message_id=test_id)
             data = data.replace(b"\r\nSubject: ", b"\r\nSubject: [Test] ", 1)
-            results[email] = await transport.send(Envelope(settings.from_address, email, sign(data, settings)))
+            # Bounces of test sends go to the bounce address, where an admin finds them among the unclassified.
+            results[email] = await transport.send(Envelope(settings.return_path_base, email, sign(data, settings)))
     finally:
         await transport.close()
     return results

@@ -261,7 +261,7 @@ class Settings(BaseSettings):
     @classmethod
     def _sendgrid_key(cls, value: str) -> str:
         if value:
-            from mailer.webhooks import load_ec_public_key
+            from mailer.public_keys import load_ec_public_key
 
             load_ec_public_key(value)
         return value.strip()

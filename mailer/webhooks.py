@@ -28,11 +28,12 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from mailer.bounces import Severity, classify, enhanced_code
 from mailer.config import get_settings
+from mailer.public_keys import load_ec_public_key
 
 PROVIDERS = ("ses", "postmark", "sendgrid")
 AWS_SNS_HOST = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")
@@ -62,21 +63,6 @@ class Event:
 
 
 # --- Keys and signatures ---------------------------------------------------------------------------
-
-
-def load_ec_public_key(value: str) -> ec.EllipticCurvePublicKey:
-    """SendGrid's verification key, as shown in its settings (base64 DER) or as PEM."""
-    text = value.strip()
-    try:
-        if text.startswith("-----BEGIN"):
-            key = serialization.load_pem_public_key(text.encode())
-        else:
-            key = serialization.load_der_public_key(base64.b64decode(text, validate=False))
-    except (ValueError, TypeError, binascii.Error):
-        raise ValueError("is not an ECDSA public key (base64 DER as SendGrid shows it, or PEM)") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError("is not an ECDSA public key (base64 DER as SendGrid shows it, or PEM)")
-    return key
 
 
 def verify_sendgrid(*, signature: str | None, timestamp: str | None, body: bytes) -> None:
@@ -128,20 +114,21 @@ def _trusted(url: str) -> bool:
     return parts.scheme == "https" and bool(AWS_SNS_HOST.fullmatch(parts.hostname or "")) and not parts.username
 
 
-def _fetch(url: str) -> bytes:
+def _fetch(url: str, what: str) -> bytes:
     if not _trusted(url):
         raise Rejected(403, "The SNS message points at a URL that is not Amazon SNS's; it is not trusted.")
     try:
         with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as response:  # noqa: S310 - the URL was checked.
             return bytes(response.read(1_000_000))
     except OSError as error:
-        raise Rejected(403, f"The SNS signing certificate could not be fetched ({error}).") from None
+        # 503 so that SNS tries again later: the fault is on the way to Amazon, not in the message.
+        raise Rejected(503, f"The SNS {what} could not be fetched ({error}); please retry.") from None
 
 
 @lru_cache(maxsize=16)
 def _certificate(url: str) -> rsa.RSAPublicKey:
     try:
-        key = x509.load_pem_x509_certificate(_fetch(url)).public_key()
+        key = x509.load_pem_x509_certificate(_fetch(url, "signing certificate")).public_key()
     except ValueError:
         raise Rejected(403, "The SNS signing certificate is not a PEM certificate.") from None
     if not isinstance(key, rsa.RSAPublicKey):
@@ -194,7 +181,7 @@ def verify_sns(message: dict[str, Any]) -> None:
 
 def confirm_sns_subscription(message: dict[str, Any]) -> None:
     """Confirm a verified SubscriptionConfirmation by fetching its SubscribeURL, which must be SNS's own."""
-    _fetch(str(message.get("SubscribeURL", "")))
+    _fetch(str(message.get("SubscribeURL", "")), "SubscribeURL")
 
 
 # --- Events ----------------------------------------------------------------------------------------

@@ -130,8 +130,10 @@ service anvil {{
   chroot =
 }}
 """)
+    # Dovecot writes to its log_path; stderr only holds start-up errors, read below if it fails.
+    errors = (root / "stderr.log").open("wb")
     process = subprocess.Popen([binary, "-F", "-c", str(root / "dovecot.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+                               stderr=errors)
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -143,6 +145,6 @@ service anvil {{
         if process.poll() is not None or time.monotonic() > deadline:
             log = (root / "dovecot.log").read_text() if (root / "dovecot.log").exists() else ""
             process.kill()
-            raise RuntimeError(f"dovecot did not start: {process.stderr.read() if process.stderr else b''!r} {log}")
+            raise RuntimeError(f"dovecot did not start: {(root / 'stderr.log').read_text()} {log}")
         time.sleep(0.1)
     return Dovecot(port, process, root)
