@@ -2,15 +2,19 @@
 
     hard bounce  (5.1.x the address does not exist, 5.2.1 the mailbox is disabled)
                  ──▶ subscriber `bounced`, address suppressed at once
-    soft bounce  (anything else: 4.x.x, 5.2.2 mailbox full, 5.7.x policy blocks, a 5xx with no enhanced code)
+    soft bounce  (other mailbox and routing trouble: 4.x.x given up, 5.2.2 mailbox full, 5.4.x, 5.5.x,
+                 or a 5xx with no enhanced code)
                  ──▶ one point on the reader's score, at most one a day; the score starts again after
                      MAILER_SOFT_BOUNCE_DAYS without a bounce; at MAILER_SOFT_BOUNCE_THRESHOLD the reader is
                      `bounced` and suppressed (Mailman's defaults: 5 within 7 days)
+    block        (x.3.x mail system, x.6.x content, x.7.x policy and security: spam filters, DMARC, a
+                 blocklisted IP) ──▶ recorded, counts nothing against the reader
     complaint    ──▶ subscriber `complained`, address suppressed at once; the campaign pauses itself when
                      its complaints pass MAILER_PAUSE_COMPLAINT_RATE of its sent mails
 
-Policy blocks (5.7.x) and full mailboxes are soft on purpose: they say more about the sender or the
-moment than about the address, and suppressing on them is how a mailer wrongly drops half its list.
+Blocks say something about the sender or the message, not the address: a mailer that counts them
+against readers drops half its list the week a big provider distrusts its IP. A campaign that many
+servers block pauses itself through the sending engine's failure rate instead.
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ log = logging.getLogger(__name__)
 ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)")
 HARD_CLASSES = ("5.1.",)
 HARD_CODES = {"5.2.1"}
+# RFC 3463 subjects that are about the mail system, the content or policy, not the recipient's address.
+BLOCK_SUBJECTS = {"3", "6", "7"}
 
 
 class Severity(enum.StrEnum):
     hard = "hard"
     soft = "soft"
+    block = "block"
 
 
 def enhanced_code(text: str) -> str:
@@ -57,9 +64,11 @@ def enhanced_code(text: str) -> str:
 
 
 def classify(status: str) -> Severity:
-    """Hard or soft, by the enhanced status code (see the module docstring)."""
+    """Hard, soft or a block, by the enhanced status code (see the module docstring)."""
     if status.startswith(HARD_CLASSES) or status in HARD_CODES:
         return Severity.hard
+    if status.count(".") == 2 and status.split(".")[1] in BLOCK_SUBJECTS:
+        return Severity.block
     return Severity.soft
 
 
@@ -75,6 +84,8 @@ def bounce(session: Session, *, subscriber: Subscriber, severity: Severity, deta
     now = now or utcnow()
     if subscriber.status in {Status.bounced, Status.complained}:
         return f"nothing: the reader is already {subscriber.status.value}"
+    if severity is Severity.block:
+        return "a block (policy, content or the mail system): not counted against the reader"
     if severity is Severity.hard:
         _suppress(session, subscriber, "hard-bounce", detail)
         subscriptions.mark_bounced(session, subscriber=subscriber, detail=detail, origin=origin)

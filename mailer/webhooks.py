@@ -213,6 +213,7 @@ def split_ses(sns: dict[str, Any]) -> list[tuple[str, bytes]]:
 
 
 POSTMARK_HARD = {"HardBounce", "BadEmailAddress"}
+POSTMARK_BLOCK = {"Blocked", "SpamNotification", "DMARCPolicy", "ContentRejected"}
 POSTMARK_IGNORED = {"Subscribe", "AutoResponder", "AddressChange", "OpenRelayTest", "ChallengeVerification",
                     "VirusNotification", "SMTPApiError", "InboundError", "TemplateRenderingFailed",
                     "ManuallyDeactivated", "Unconfirmed"}
@@ -279,12 +280,13 @@ def _postmark_event(data: dict[str, Any]) -> Event:
     bounce_type = str(data.get("Type") or "")
     if bounce_type in POSTMARK_IGNORED:
         return Event("ignored", email, f"Postmark {bounce_type} for {email}: not a failure.")
-    if bounce_type == "SpamNotification":
-        return Event("complaint", email, f"Postmark spam notification for {email}", message_id=message_id)
     if bounce_type == "Unsubscribe":
         return Event("unsubscribe", email, f"Postmark: an unsubscribe request by {email}")
     status = enhanced_code(str(data.get("Details") or ""))
-    severity = classify(status) if status else (Severity.hard if bounce_type in POSTMARK_HARD else Severity.soft)
+    if bounce_type in POSTMARK_BLOCK:
+        severity = Severity.block
+    else:
+        severity = classify(status) if status else (Severity.hard if bounce_type in POSTMARK_HARD else Severity.soft)
     detail = f"Postmark {bounce_type} for {email} ({status or 'no status'}: {str(data.get('Details') or '')[:300]})"
     return Event("bounce", email, detail, status, severity, message_id)
 
@@ -300,7 +302,7 @@ def _sendgrid_event(data: dict[str, Any]) -> Event:
     status = enhanced_code(str(data.get("status") or "")) or enhanced_code(str(data.get("reason") or ""))
     blocked = data.get("type") == "blocked"
     # A block is about the sender's reputation or content, never proof that the address is bad.
-    severity = Severity.soft if blocked else classify(status)
+    severity = Severity.block if blocked else classify(status)
     detail = f"SendGrid {'block' if blocked else 'bounce'} for {email} ({status or 'no status'}: " \
              f"{str(data.get('reason') or '')[:300]})"
     return Event("bounce", email, detail, status, severity, message_id)

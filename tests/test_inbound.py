@@ -42,10 +42,11 @@ def test_mail_that_is_no_report_is_read_as_other() -> None:
 
 @pytest.mark.parametrize(("status", "severity"), [
     ("5.1.1", "hard"), ("5.1.10", "hard"), ("5.2.1", "hard"),
-    ("5.2.2", "soft"), ("5.7.1", "soft"), ("4.4.1", "soft"), ("", "soft"),
+    ("5.2.2", "soft"), ("4.4.1", "soft"), ("5.4.4", "soft"), ("", "soft"),
+    ("5.7.1", "block"), ("5.7.26", "block"), ("4.7.0", "block"), ("5.6.0", "block"), ("5.3.4", "block"),
 ])
 def test_enhanced_status_codes_class_bounces(status: str, severity: str) -> None:
-    """Only codes that say the address is bad are hard; full mailboxes and policy blocks are soft."""
+    """Only codes that say the address is bad are hard; policy and content refusals are blocks, the rest soft."""
     assert bounces.classify(status).value == severity
 
 

@@ -266,8 +266,8 @@ def sendgrid_post(client: TestClient, key: ec.EllipticCurvePrivateKey, events: l
 
 
 def test_sendgrid_signed_events(client: TestClient, sendgrid_key: ec.EllipticCurvePrivateKey) -> None:
-    """Signed SendGrid events are processed (a bounce, a block, a spam report, an unsubscribe); opens are not
-    stored; a changed body, another key or missing headers are refused."""
+    """Signed SendGrid events are processed (a bounce, a block that counts nothing, a spam report, an
+    unsubscribe); opens are not stored; a changed body, another key or missing headers are refused."""
     bounced, blocked, reported, left = sent_campaign(4)
     events = [
         {"email": bounced.email, "event": "bounce", "type": "bounce", "status": "5.1.1", "reason": "550 5.1.1 no user",
@@ -296,7 +296,9 @@ def test_sendgrid_signed_events(client: TestClient, sendgrid_key: ec.EllipticCur
     assert subscriber_row(bounced.email).status is Status.bounced
     blocked_row = subscriber_row(blocked.email)
     assert blocked_row is not None
-    assert (blocked_row.status, blocked_row.bounce_score) == (Status.confirmed, 1)
+    assert (blocked_row.status, blocked_row.bounce_score) == (Status.confirmed, 0)
+    block = next(row for row in inbound_rows() if row.subscriber_id == blocked.subscriber_id)
+    assert (block.kind, block.severity) == (InboundKind.bounce, "block")
     assert subscriber_row(reported.email).status is Status.complained
     assert subscriber_row(left.email).status is Status.unsubscribed
     complaint = next(row for row in inbound_rows() if row.kind is InboundKind.complaint)
