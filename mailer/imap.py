@@ -173,7 +173,7 @@ def poll_task() -> dict[str, int]:
         return {"deleted": 0, "stored": 0}
 
 
-_last_poll = 0.0
+_last_poll: float | None = None
 
 
 def poll_due() -> bool:
@@ -184,7 +184,9 @@ def poll_due() -> bool:
 
     global _last_poll
     settings = get_settings()
-    if not settings.inbound_url or time.monotonic() - _last_poll < settings.inbound_poll_seconds:
+    if not settings.inbound_url:
+        return False
+    if _last_poll is not None and time.monotonic() - _last_poll < settings.inbound_poll_seconds:
         return False
     _last_poll = time.monotonic()
     queue.dispatch("poll_mailbox")

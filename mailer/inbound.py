@@ -196,7 +196,7 @@ def _read_mail(session: Session, row: InboundMessage) -> Verdict:
     ours = addresses.find_tagged(_recipients(row, message))
     unsubscribes = [tag for role, tag in ours if role == "unsubscribe"]
     tagged = next((tag for role, tag in ours if role == "bounces" and tag is not None), None)
-    report = reports.parse(row.raw)
+    report = reports.parse(message)
     if report.kind == "bounce" and not _from_mail_system(row, message):
         # flufl.bounce's heuristics read text; a person's reply that happens to match them is not a bounce.
         report = reports.Report("other", [], report.original, auto_submitted=report.auto_submitted)

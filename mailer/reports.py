@@ -165,8 +165,8 @@ def _diagnostic_near(text: str, address: str) -> str:
     return ""
 
 
-def parse(raw: bytes) -> Report:
-    message = parse_message(raw)
+def parse(raw: bytes | Message) -> Report:
+    message = raw if isinstance(raw, Message) else parse_message(raw)
     auto = str(message.get("Auto-Submitted") or "").strip().lower()
     report_type = str(message.get_param("report-type", "", header="content-type") or "").lower() \
         if message.get_content_type() == "multipart/report" else ""

@@ -81,7 +81,7 @@ def test_the_tick_polls_the_mailbox_and_its_task_processes_what_came(mailbox: Do
                                                                      env: Callable[..., None]) -> None:
     """With MAILER_INBOUND_URL set, the periodic tick queues a poll; the complaint it finds is processed."""
     env(inbound_poll_seconds="0.01")
-    imap._last_poll = 0.0
+    imap._last_poll = None
     sent = sent_campaign(3)
     mailbox.append(sample("yahoo_arf", **sent[1].values()))
     campaigns.tick()
