@@ -161,6 +161,9 @@ def verify_sns(message: dict[str, Any]) -> None:
     if not settings.sns_topic_arns:
         raise Rejected(403, "Amazon SES webhooks are not accepted here: set MAILER_SNS_TOPIC_ARNS to the ARN of "
                             "the SNS topic that carries your SES notifications.")
+    # Checked first, so a foreign topic costs no certificate fetch; the signature then covers the TopicArn.
+    if message.get("TopicArn") not in settings.sns_topic_arns:
+        raise Rejected(403, f"The SNS topic {str(message.get('TopicArn'))[:200]} is not in MAILER_SNS_TOPIC_ARNS.")
     version = str(message.get("SignatureVersion", ""))
     if version not in {"1", "2"}:
         raise Rejected(403, "The SNS message has no SignatureVersion 1 or 2.")
@@ -175,8 +178,6 @@ def verify_sns(message: dict[str, Any]) -> None:
                    hashes.SHA1() if version == "1" else hashes.SHA256())  # noqa: S303 - SNS v1 is SHA1.
     except InvalidSignature:
         raise Rejected(403, "The SNS signature does not match the message; it was not sent by Amazon SNS.") from None
-    if message.get("TopicArn") not in settings.sns_topic_arns:
-        raise Rejected(403, f"The SNS topic {str(message.get('TopicArn'))[:200]} is not in MAILER_SNS_TOPIC_ARNS.")
 
 
 def confirm_sns_subscription(message: dict[str, Any]) -> None:
