@@ -11,7 +11,16 @@ from sqlalchemy import select, update
 
 from mailer import bounces, reports
 from mailer.db import session_scope
-from mailer.models import Campaign, CampaignStatus, InboundKind, Status, Subscriber, Suppression
+from mailer.models import (
+    Campaign,
+    CampaignStatus,
+    InboundKind,
+    InboundMessage,
+    Status,
+    Subscriber,
+    Suppression,
+    utcnow,
+)
 from tests.conftest import subscriber_row
 from tests.inbound_helpers import sample, sent_campaign, take_in
 
@@ -239,6 +248,7 @@ def test_admins_read_what_came_back_through_the_api(admin: TestClient) -> None:
     assert listed[1]["status_code"] == "5.1.1"
     assert "raw" not in listed[0]
     assert [item["id"] for item in admin.get("/api/inbound?kind=unclassified").json()] == [reply.id]
+    assert [item["id"] for item in admin.get(f"/api/inbound?before={reply.id}&limit=5").json()] == [bounce.id]
     one = admin.get(f"/api/inbound/{reply.id}").json()
     assert "Could you send me the full text" in one["raw"]
     assert one["subject"] == "Re: Petition: talks, not tanks"
@@ -262,4 +272,36 @@ def test_a_non_standard_bounce_must_come_from_a_mail_system(env: Callable[..., N
     assert subscriber_row(sent.email).status is Status.confirmed
     row = take_in(raw, channel="imap")
     assert (row.kind, row.severity) == (InboundKind.bounce, "hard")
+    assert subscriber_row(sent.email).status is Status.bounced
+
+
+def test_a_message_that_breaks_processing_is_kept_not_lost(env: Callable[..., None]) -> None:
+    """If reading a stored event fails (here: a corrupt webhook row), the row becomes unclassified with the
+    error, instead of staying pending or vanishing."""
+    from mailer import inbound
+
+    inbound_id = inbound.receive(channel="ses", raw=b"{not json", source_ref="ses:broken", subject="",
+                                 dispatch=False)
+    assert inbound_id is not None
+    assert inbound.process(inbound_id) == "unclassified"
+    with session_scope() as session:
+        row = session.get(InboundMessage, inbound_id)
+        assert row is not None
+        assert row.detail.startswith("Processing failed (JSONDecodeError")
+
+
+def test_the_tick_requeues_messages_whose_task_was_lost(env: Callable[..., None]) -> None:
+    """A stored message still pending after two minutes (its task was lost) is processed after the next tick."""
+    from mailer import campaigns, inbound, queue
+
+    [sent] = sent_campaign(1)
+    inbound_id = inbound.receive(channel="smtp", raw=sample("gmail_user_unknown", **sent.values()), dispatch=False)
+    campaigns.tick()
+    queue.drain()
+    assert subscriber_row(sent.email).status is Status.confirmed  # Too recent: its own task may still come.
+    with session_scope() as session:
+        session.execute(update(InboundMessage).where(InboundMessage.id == inbound_id)
+                        .values(received_at=utcnow() - timedelta(minutes=3)))
+    campaigns.tick()
+    queue.drain()
     assert subscriber_row(sent.email).status is Status.bounced
