@@ -50,6 +50,7 @@ def poll() -> None:
     """Poll MAILER_INBOUND_URL once now (the periodic tick does it every MAILER_INBOUND_POLL_SECONDS)."""
     from mailer import imap, queue
     from mailer.cli import settings
+    from mailer.errors import MailboxError
     from mailer.logs import configure
 
     current = settings()
@@ -59,7 +60,7 @@ def poll() -> None:
         raise typer.Exit(2)
     try:
         result = imap.poll()
-    except imap.MailboxError as error:
+    except MailboxError as error:
         typer.secho(f"Could not poll the mailbox: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     queue.drain(timeout=120)

@@ -9,7 +9,10 @@
      │    └── UsedToken          already used, or replaced by a newer one
      ├── NotFound                the thing a token or id points at is gone (404)
      ├── Conflict                the thing is in a state that does not allow this (409)
-     └── RateLimited             too many attempts; try again later (429)
+     ├── RateLimited             too many attempts; try again later (429)
+     ├── Rejected                a webhook request that did not prove it came from its provider;
+     │                           `status` is the HTTP answer (401, 403…), the message says why
+     └── MailboxError            the IMAP mailbox could not be reached or read; the next poll tries again
 """
 
 from __future__ import annotations
@@ -60,4 +63,15 @@ class Conflict(MailerError):
 
 
 class RateLimited(MailerError):
+    pass
+
+
+class Rejected(MailerError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MailboxError(MailerError):
     pass

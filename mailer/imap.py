@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from mailer import inbound
 from mailer.config import get_settings
 from mailer.db import session_scope
+from mailer.errors import MailboxError
 from mailer.models import UNDERSTOOD, InboundMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ class Mailbox:
         return cls(host=parts.hostname or "localhost", port=parts.port or (993 if tls else 143), tls=tls,
                    user=unquote(parts.username or ""), password=unquote(parts.password or ""),
                    folder=unquote(parts.path.lstrip("/")) or "INBOX")
-
-
-class MailboxError(Exception):
-    """The mailbox could not be reached or read; the next poll tries again."""
 
 
 @contextmanager

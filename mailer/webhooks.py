@@ -33,20 +33,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from mailer.bounces import Severity, classify, enhanced_code
 from mailer.config import get_settings
+from mailer.errors import Rejected
 from mailer.public_keys import load_ec_public_key
 
 PROVIDERS = ("ses", "postmark", "sendgrid")
 AWS_SNS_HOST = re.compile(r"sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?")
 FETCH_TIMEOUT = 10.0
-
-
-class Rejected(Exception):
-    """The request did not prove it came from the provider (or the provider is not configured)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from mailer import campaigns, imap, queue
 from mailer.db import session_scope
+from mailer.errors import MailboxError
 from mailer.models import InboundKind, InboundMessage, Status
 from tests import imapserver
 from tests.conftest import subscriber_row
@@ -112,7 +113,7 @@ def test_an_unreachable_mailbox_is_logged_and_the_tick_carries_on(env: Callable[
     from tests.conftest import free_port
 
     env(inbound_url=f"imap://bounces:x@127.0.0.1:{free_port()}/INBOX")
-    with pytest.raises(imap.MailboxError, match=r"127\.0\.0\.1"):
+    with pytest.raises(MailboxError, match=r"127\.0\.0\.1"):
         imap.poll()
     assert imap.poll_task() == {"deleted": 0, "stored": 0}
     assert "could not poll the mailbox" in caplog.text

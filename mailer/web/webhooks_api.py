@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mailer import inbound, webhooks
 from mailer.config import get_settings
-from mailer.webhooks import Rejected
+from mailer.errors import Rejected
 
 log = logging.getLogger(__name__)
 
