@@ -32,6 +32,7 @@ from tests.inbound_helpers import sample, sent_campaign, take_in
     ("gmail_mailbox_full", "dsn", "failed", "5.2.2"),
     ("outlook_recipient_not_found", "dsn", "failed", "5.1.10"),
     ("exim_failed", "bounce", "failed", "5.1.1"),
+    ("qmail_failed", "bounce", "failed", "5.1.1"),
     ("yahoo_arf", "complaint", "complained", ""),
     ("outlook_jmrp_arf", "complaint", "complained", ""),
 ])
@@ -67,7 +68,7 @@ def _suppressed(email: str) -> str | None:
 
 
 @pytest.mark.parametrize("name", ["postfix_user_unknown", "gmail_user_unknown", "outlook_recipient_not_found",
-                                  "exim_failed"])
+                                  "exim_failed", "qmail_failed"])
 def test_a_hard_bounce_to_the_return_path_bounces_and_suppresses_its_reader(env: Callable[..., None],
                                                                             name: str) -> None:
     """A hard bounce sent to a delivery's own return path bounces that delivery's reader, and no one else."""
