@@ -64,6 +64,12 @@ def cert_server(sns_key: rsa.RSAPrivateKey) -> Iterator[CertServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             served.visits.append(self.path)
+            if self.path.startswith("/redirect"):
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{served.port}/moved.pem")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = served.pem if self.path.endswith(".pem") else b"<ConfirmSubscriptionResponse/>"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -165,6 +171,11 @@ def test_sns_messages_that_fail_a_check_are_refused(client: TestClient, ses: Cer
     answer = client.post("/webhooks/ses", json=foreign_topic)
     assert answer.status_code == 403
     assert "is not in MAILER_SNS_TOPIC_ARNS" in answer.json()["detail"]
+    # A trusted URL that redirects elsewhere is not followed; SNS is asked to retry later.
+    redirected = sns_message(sns_key, ses.base + "redirect.pem", message=good["Message"])
+    answer = client.post("/webhooks/ses", json=redirected)
+    assert answer.status_code == 503
+    assert "/moved.pem" not in ses.visits
     assert client.post("/webhooks/ses", content=b"not json").status_code == 400
     assert inbound_rows() == []
     assert subscriber_row(sent.email).status is Status.confirmed
