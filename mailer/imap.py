@@ -73,6 +73,9 @@ def connect(mailbox: Mailbox) -> Iterator[imaplib.IMAP4]:
         raise MailboxError(f"{mailbox.host}:{mailbox.port}: {error}") from None
     try:
         yield client
+    except (OSError, imaplib.IMAP4.error) as error:
+        # A connection that breaks halfway is the same trouble as one that never opened: poll again later.
+        raise MailboxError(f"{mailbox.host}:{mailbox.port}: {error}") from None
     finally:
         with suppress(OSError, imaplib.IMAP4.error):
             client.logout()
@@ -101,7 +104,8 @@ def _delete_understood(client: imaplib.IMAP4, prefix: str) -> int:
         status, _ = client.uid("STORE", chunk, "+FLAGS.SILENT", r"(\Deleted)")
         if status != "OK":
             raise MailboxError("the server refused to mark messages deleted")
-        # UID EXPUNGE (RFC 4315) removes only ours; plain EXPUNGE would also remove what a person marked.
+        # UID EXPUNGE (RFC 4315) removes only ours; plain EXPUNGE would also remove what a person marked
+        # deleted, so it is the fallback only for servers without UIDPLUS.
         if "UIDPLUS" in client.capabilities:
             client.uid("EXPUNGE", chunk)
     if "UIDPLUS" not in client.capabilities:
