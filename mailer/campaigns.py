@@ -278,7 +278,8 @@ async def send_test(campaign_id: int, emails: list[str]) -> dict[str, Result]:
             test_id = f"<test.{campaign_id}.{tokens.make_nonce()}@{settings.list_domain}>"
             data = variants.for_reader(reader).personalise(reader, message_id=test_id)
             data = data.replace(b"\r\nSubject: ", b"\r\nSubject: [Test] ", 1)
-            results[email] = await transport.send(Envelope(settings.from_address, email, sign(data, settings)))
+            # Bounces of test sends go to the bounce address, where an admin finds them among the unclassified.
+            results[email] = await transport.send(Envelope(settings.return_path_base, email, sign(data, settings)))
     finally:
         await transport.close()
     return results
@@ -316,10 +317,11 @@ def tick() -> dict[str, int]:
                 finish_if_done(session, campaign_id)
     for campaign_id in started + kicked:
         kick(campaign_id)
-    from mailer import feeds, imports, notices
+    from mailer import feeds, imap, imports, inbound, notices
 
     # Each chore stands alone: one failing (a hostile feed, say) must not stop the others.
-    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due, imports.requeue_stale):
+    for chore in (notices.requeue_stale, _digests_due, feeds.poll_due, imap.poll_due, inbound.requeue_pending,
+                  imports.requeue_stale):
         try:
             chore()
         except Exception:

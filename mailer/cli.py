@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from mailer.cli_admin import admin_app, subscribers_app
 from mailer.cli_campaigns import app as campaign_app
 from mailer.cli_digests import articles_app, digest_app, preview
+from mailer.cli_inbound import app as inbound_app
 from mailer.config import Settings, describe_error, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Newsletter and subscriber mailer.")
@@ -20,6 +21,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(campaign_app, name="campaign")
 app.add_typer(articles_app, name="articles")
 app.add_typer(digest_app, name="digest")
+app.add_typer(inbound_app, name="inbound")
 app.command("preview")(preview)
 app.add_typer(admin_app, name="admin")
 app.add_typer(subscribers_app, name="subscribers")

@@ -35,6 +35,8 @@ class Reader:
     name: str
     unsubscribe_url: str
     preferences_url: str
+    # The reader's own List-Unsubscribe mailto (addresses.unsubscribe_mailto); empty means the list's plain one.
+    unsubscribe_mailto: str = ""
 
     def fields(self) -> dict[str, str]:
         return {"name": self.name, "email": self.email, "unsubscribe_url": self.unsubscribe_url,
@@ -204,7 +206,7 @@ class MessageTemplate:
             f"To: {format_address(reader.name, reader.email)}",
             f"Subject: {encode_header_value(' '.join(subject.split()))}",
             f"Message-ID: {message_id}",
-            f"List-Unsubscribe: {list_unsubscribe(reader.unsubscribe_url)}",
+            f"List-Unsubscribe: {list_unsubscribe(reader.unsubscribe_url, reader.unsubscribe_mailto)}",
         ]
         headers.extend(f"{name}: {encode_header_value(value)}" for name, value in extra_headers.items())
         boundary = self.boundary.encode()

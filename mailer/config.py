@@ -85,6 +85,23 @@ class Settings(BaseSettings):
     # never skipped by a reader's cursor.
     digest_grace_seconds: float = Field(default=30.0, ge=0)
 
+    # What comes back: return paths, the mailto unsubscribe, bounces, complaints (inbound.py).
+    bounce_address: str = ""
+    address_delimiter: str = "+"
+    inbound_url: str = ""
+    inbound_poll_seconds: float = Field(default=60.0, gt=0)
+    inbound_max_bytes: int = Field(default=10_000_000, ge=10_000)
+    # Mailman's defaults: five soft bounces, counted at most once a day, within seven days.
+    soft_bounce_threshold: float = Field(default=5.0, gt=0)
+    soft_bounce_days: float = Field(default=7.0, gt=0)
+    pause_complaint_rate: float = Field(default=0.003, gt=0, le=1)
+    sns_topic_arns: Annotated[list[str], NoDecode] = []
+    sns_cert_url_prefixes: Annotated[list[str], NoDecode] = []
+    postmark_webhook_user: str = ""
+    postmark_webhook_password: str = ""
+    postmark_webhook_token: str = ""
+    sendgrid_public_key: str = ""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _generated_key: str | None = PrivateAttr(default=None)
@@ -194,6 +211,62 @@ class Settings(BaseSettings):
                     raise ValueError(f"has {url!r}, which is not an http(s) URL")
         return value
 
+    @field_validator("bounce_address", "unsubscribe_mailto")
+    @classmethod
+    def _local_address(cls, value: str) -> str:
+        value = value.strip()
+        if value and (value.count("@") != 1 or not value.isascii() or any(ch in value for ch in " <>\r\n,;")
+                      or not all(value.split("@"))):
+            raise ValueError("must be a plain address such as bounces@news.example.org")
+        return value
+
+    @field_validator("address_delimiter")
+    @classmethod
+    def _delimiter(cls, value: str) -> str:
+        if value not in {"+", "-", "=", "_"}:
+            raise ValueError("must be one of + - = _ (your MTA's recipient delimiter)")
+        return value
+
+    @field_validator("inbound_url")
+    @classmethod
+    def _inbound_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in {"imap", "imaps"} or not parts.hostname or not parts.username:
+            raise ValueError("must be empty or imaps://user:password@host/INBOX (or imap:// on a trusted network)")
+        try:
+            parts.port  # noqa: B018 - reading it validates the port.
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
+        return value
+
+    @field_validator("sns_topic_arns", "sns_cert_url_prefixes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("sns_cert_url_prefixes")
+    @classmethod
+    def _cert_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            parts = urlsplit(prefix)
+            if parts.scheme not in {"http", "https"} or not parts.netloc or not prefix.endswith("/"):
+                raise ValueError(f"has {prefix!r}; each prefix must be an http(s) URL ending in '/'")
+        return value
+
+    @field_validator("sendgrid_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str) -> str:
+        if value:
+            from mailer.public_keys import load_ec_public_key
+
+            load_ec_public_key(value)
+        return value.strip()
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _proxies(cls, value: object) -> object:
@@ -232,6 +305,11 @@ class Settings(BaseSettings):
     @cached_property
     def unsubscribe_address(self) -> str:
         return self.unsubscribe_mailto or f"unsubscribe@{self.list_domain}"
+
+    @cached_property
+    def return_path_base(self) -> str:
+        """The address that bounces go to; each delivery's own return path adds a token to its local part."""
+        return self.bounce_address or f"bounces@{self.list_domain}"
 
     @cached_property
     def smtp_urls(self) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from mailer import campaigns, digests, heartbeat, policy, queue, store, tokens
+from mailer import addresses, campaigns, digests, heartbeat, policy, queue, store, tokens
 from mailer.compose import Reader, Variants
 from mailer.config import Settings, get_settings
 from mailer.db import session_scope
@@ -125,8 +125,6 @@ class Batch:
         self.throttle = throttle
         self.window = window
         self.settings = settings
-        # Parsed once: MAILER_FROM's address is the envelope sender of every mail.
-        self.sender = settings.from_address
         self.sender_refused: Result | None = None
         self.held = False
 
@@ -147,7 +145,8 @@ class Batch:
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
-                envelope = Envelope(self.sender, job.reader.email, data)
+                # Each delivery's own return path (VERP), so a bounce names the delivery it is about.
+                envelope = Envelope(addresses.return_path(job.claim.delivery_id), job.reader.email, data)
                 verdict: list[str] = []
 
                 async def handover(delivery_id: int = job.claim.delivery_id, verdict: list[str] = verdict) -> bool:
@@ -179,7 +178,7 @@ class Batch:
                 message_id=mid if result.outcome is not SmtpOutcome.skipped else None,
                 next_attempt_at=decision.next_attempt_at,
                 failed=decision.state is DeliveryState.deferred,
-                suppress_subscriber=job.reader.id if decision.suppress else None,
+                bounce_subscriber=job.reader.id if decision.bounce else None,
             ))
 
     async def send(self, jobs: list[Job], lanes: list[Transport]) -> None:
@@ -256,8 +255,9 @@ async def _run(campaign_id: int) -> bool:
             await batch.send(claimed.jobs, lanes)
             if batch.sender_refused is not None:
                 refused = batch.sender_refused
-                reason = (f"Paused automatically: the SMTP server refused the sender {settings.from_address} "
-                          f"({refused.code} {refused.text}). Check MAILER_FROM and the server, then resume.")
+                reason = (f"Paused automatically: the SMTP server refused the sender {settings.return_path_base} "
+                          f"({refused.code} {refused.text}). Check MAILER_BOUNCE_ADDRESS (or MAILER_FROM) and the "
+                          "server, then resume.")
                 log.warning("campaign %s: %s", campaign_id, reason)
                 with session_scope() as session:
                     campaigns.pause(session, campaign_id, reason=reason)

@@ -10,7 +10,10 @@
      ├── NotFound                the thing a token or id points at is gone (404)
      ├── Conflict                the thing is in a state that does not allow this (409)
      ├── RateLimited             too many attempts; try again later (429)
-     └── LoginRefused            wrong admin password, or a locked account (401)
+     ├── LoginRefused            wrong admin password, or a locked account (401)
+     ├── Rejected                a webhook request that did not prove it came from its provider;
+     │                           `status` is the HTTP answer (401, 403…), the message says why
+     └── MailboxError            the IMAP mailbox could not be reached or read; the next poll tries again
 """
 
 from __future__ import annotations
@@ -65,4 +68,15 @@ class RateLimited(MailerError):
 
 
 class LoginRefused(MailerError):
+    pass
+
+
+class Rejected(MailerError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MailboxError(MailerError):
     pass

@@ -12,9 +12,11 @@ from sqlalchemy import (
     Column,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Table,
@@ -129,6 +131,9 @@ class Subscriber(Base):
     timezone: Mapped[str | None] = mapped_column(String(64), default=None)
     # Set when the person's data was erased (GDPR art. 17); only a hashed suppression entry remains.
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Soft bounces (bounces.py): a score that counts at most one bounce a day and starts again after a quiet spell.
+    bounce_score: Mapped[float] = mapped_column(Float, default=0.0)
+    last_bounce_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     categories: Mapped[list[Category]] = relationship(
         secondary=subscriber_categories, order_by=Category.position, lazy="selectin"
@@ -415,3 +420,55 @@ class ImportJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # Moves with every committed chunk: a job that stopped moving lost its worker and is queued again.
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+class InboundKind(enum.StrEnum):
+    """What an inbound message turned out to be. Only `unclassified` is left for a person to read."""
+
+    pending = "pending"
+    unsubscribe = "unsubscribe"
+    bounce = "bounce"
+    delay = "delay"
+    complaint = "complaint"
+    ignored = "ignored"
+    unclassified = "unclassified"
+
+
+# Kinds that were understood: an IMAP message of one of these kinds may be deleted from the mailbox.
+UNDERSTOOD = frozenset({InboundKind.unsubscribe, InboundKind.bounce, InboundKind.delay, InboundKind.complaint,
+                        InboundKind.ignored})
+
+
+class InboundMessage(Base):
+    """One thing that came back: a mail (SMTP listener, IMAP mailbox) or one event of a provider's webhook.
+
+    The raw bytes are kept as received, so an admin can read exactly what arrived."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    # smtp, imap, ses, postmark, sendgrid.
+    channel: Mapped[str] = mapped_column(String(20))
+    # Unique per source: "imap:<uidvalidity>:<uid>", an SNS MessageId, a SendGrid event id… so a retry adds nothing.
+    source_ref: Mapped[str | None] = mapped_column(String(300), unique=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    mail_from: Mapped[str] = mapped_column(String(500), default="")
+    rcpt_to: Mapped[str] = mapped_column(Text, default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    kind: Mapped[InboundKind] = mapped_column(_enum(InboundKind, "inbound_kind"), default=InboundKind.pending)
+    # hard or soft, for bounces.
+    severity: Mapped[str] = mapped_column(String(10), default="")
+    status_code: Mapped[str] = mapped_column(String(20), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+    subscriber_id: Mapped[int | None] = mapped_column(ForeignKey("subscribers.id", ondelete="SET NULL"))
+    delivery_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("deliveries.id", ondelete="SET NULL"))
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id", ondelete="SET NULL"))
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Set when the message was deleted from the IMAP mailbox it came from.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    __table_args__ = (
+        Index("ix_inbound_kind", "kind", "id"),
+        Index("ix_inbound_campaign_kind", "campaign_id", "kind"),
+        {"sqlite_autoincrement": True},
+    )

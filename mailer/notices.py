@@ -12,12 +12,13 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from mailer import queue, render, store, tokens
+from mailer import addresses, bounces, queue, render, store, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import MailerError
 from mailer.models import Notice, NoticeKind, NoticeState, Status, Subscriber
 from mailer.sender import Envelope, Outcome, transport_for
+from mailer.subscriptions import Origin
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
         context["confirm_url"] = f"{settings.base_url}/confirm/{token}"
         context["ttl_hours"] = int(settings.confirm_ttl_hours)
         # A confirmation goes to someone who has not agreed yet: no preference links in it.
-        del context["unsubscribe_url"], context["preferences_url"]
+        del context["unsubscribe_url"], context["preferences_url"], context["unsubscribe_mailto"]
     return context
 
 
@@ -99,13 +100,15 @@ def _send_claimed(notice_id: int) -> str:
         assert subscriber is not None
         context = _context(subscriber, notice.kind)
         headers = {} if notice.kind is NoticeKind.confirm else render.list_headers(
-            unsubscribe_url=context["unsubscribe_url"])
+            unsubscribe_url=context["unsubscribe_url"], mailto=context["unsubscribe_mailto"])
         message = render.build_message(
             render.render(notice.kind.value, context), to_email=subscriber.email, to_name=subscriber.name,
             headers=headers,
         )
-        envelope = Envelope(settings.from_address, subscriber.email, render.to_bytes(message))
+        # Each notice has its own return path, so a bounce of it names the notice (and so its reader).
+        envelope = Envelope(addresses.notice_return_path(notice_id), subscriber.email, render.to_bytes(message))
         message_id = str(message["Message-ID"])
+        reader_id = subscriber.id
 
     async def deliver() -> Any:
         transport = transport_for(settings)
@@ -121,6 +124,12 @@ def _send_claimed(notice_id: int) -> str:
             return NoticeState.sent.value
         if result.outcome is Outcome.permanent:
             store.finish_notice(session, notice_id, NoticeState.failed, error=f"{result.code} {result.text}")
+            # A 5xx goes through the same bounce policy as a campaign mail's (bounces.py).
+            reader = store.subscriber(session, reader_id, for_update=True)
+            if reader is not None:
+                severity = bounces.classify(bounces.enhanced_code(result.text))
+                bounces.bounce(session, subscriber=reader, severity=severity, detail=f"{result.code} {result.text}",
+                               origin=Origin(channel="smtp"))
             return NoticeState.failed.value
         # Temporary and unknown alike are tried again: a second confirmation mail harms nobody.
         store.finish_notice(session, notice_id, NoticeState.pending, error=f"{result.code} {result.text}")

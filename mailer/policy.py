@@ -2,6 +2,8 @@
 
 Permanent and temporary failures are kept apart in types (after Mailman's outgoing runner):
 a 5xx fails the delivery for good; a 4xx defers it with exponential backoff until a deadline.
+A 5xx also counts against the reader as a bounce, through the same policy as bounces that come
+back later (bounces.py: hard by enhanced status code, otherwise soft).
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ from mailer.config import Settings
 from mailer.models import DeliveryState
 from mailer.sender import Outcome, Result
 
-# Enhanced status classes that say the address itself is bad (RFC 3463: 5.1.x addressing, 5.2.x mailbox).
-SUPPRESSING_CLASSES = ("5.1.", "5.2.")
-
 
 @dataclass(frozen=True)
 class Decision:
     state: DeliveryState
     next_attempt_at: datetime | None = None
-    suppress: bool = False
+    # A 5xx reply: the reader's bounce policy (bounces.bounce) decides whether it is hard or soft.
+    bounce: bool = False
 
 
 def decide(result: Result, *, attempts: int, first_failed_at: datetime | None, now: datetime,
@@ -35,7 +35,7 @@ def decide(result: Result, *, attempts: int, first_failed_at: datetime | None, n
             return Decision(DeliveryState.deferred, now + timedelta(seconds=settings.retry_base_seconds))
         return Decision(DeliveryState.unknown)
     if result.outcome is Outcome.permanent:
-        return Decision(DeliveryState.failed, suppress=result.enhanced.startswith(SUPPRESSING_CLASSES))
+        return Decision(DeliveryState.failed, bounce=True)
     started = first_failed_at or now
     if now - started >= timedelta(hours=settings.retry_deadline_hours):
         return Decision(DeliveryState.failed)

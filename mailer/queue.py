@@ -24,10 +24,10 @@ _futures: set[Future[None]] = set()
 
 
 def _jobs() -> dict[str, Callable[..., object]]:
-    from mailer import campaigns, delivery, imports, notices
+    from mailer import campaigns, delivery, imap, imports, inbound, notices
 
     return {"send_notice": notices.send_notice, "run_campaign": delivery.run_campaign, "tick": campaigns.tick,
-            "import_subscribers": imports.run}
+            "import_subscribers": imports.run, "process_inbound": inbound.process, "poll_mailbox": imap.poll_task}
 
 
 def _run(name: str, args: tuple[int, ...]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, String, Table, bindparam, cast, exists, literal, select, update
 from sqlalchemy.orm import Session
 
-from mailer import store, subscriptions
+from mailer import bounces
 from mailer.db import engine
 from mailer.models import (
     Campaign,
@@ -48,7 +48,8 @@ class Outcome:
     message_id: str | None = None
     next_attempt_at: datetime | None = None
     failed: bool = False
-    suppress_subscriber: int | None = None
+    # The reader of a 5xx: the bounce policy (bounces.py) applies to them.
+    bounce_subscriber: int | None = None
 
 
 @dataclass
@@ -220,11 +221,11 @@ class Recorder:
                     failed = [r.delivery_id for r in records if r.failed]
                     if failed:
                         connection.execute(_FIRST_FAILURE, {"ids": failed, "now": now})
-                    bounced = [r for r in records if r.suppress_subscriber is not None]
+                    bounced = [r for r in records if r.bounce_subscriber is not None]
                     if bounced:
                         with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
                             for r in bounced:
-                                self._hard_bounce(session, r)
+                                self._bounce(session, r)
                             session.commit()
                 if handovers:
                     ids = [op.delivery_id for op in handovers]
@@ -243,14 +244,13 @@ class Recorder:
         return answers
 
     @staticmethod
-    def _hard_bounce(session: Session, outcome: Outcome) -> None:
+    def _bounce(session: Session, outcome: Outcome) -> None:
         subscriber = session.scalars(
-            select(Subscriber).where(Subscriber.id == outcome.suppress_subscriber)
+            select(Subscriber).where(Subscriber.id == outcome.bounce_subscriber)
         ).first()
         if subscriber is None:
             return
         detail = f"{outcome.code} {outcome.text or ''}".strip()
-        store.add_suppression(session, email_hash=subscriptions.hash_email(subscriber.email_key),
-                              email=subscriber.email, reason="hard-bounce", detail=detail)
-        subscriptions.mark_bounced(session, subscriber=subscriber, detail=detail,
-                                   origin=Origin(channel="smtp"))
+        severity = bounces.classify(bounces.enhanced_code(outcome.text or ""))
+        bounces.bounce(session, subscriber=subscriber, severity=severity, detail=detail,
+                       origin=Origin(channel="smtp"))

@@ -107,16 +107,16 @@ def render_campaign(*, subject: str, html: str, text: str, context: dict[str, An
 ONE_CLICK = "List-Unsubscribe=One-Click"
 
 
-def list_unsubscribe(unsubscribe_url: str) -> str:
-    """The List-Unsubscribe value: the one-click URL first, then the mailto address."""
-    return f"<{unsubscribe_url}>, <mailto:{get_settings().unsubscribe_address}?subject=unsubscribe>"
+def list_unsubscribe(unsubscribe_url: str, mailto: str = "") -> str:
+    """The List-Unsubscribe value: the one-click URL first, then the reader's own mailto address."""
+    return f"<{unsubscribe_url}>, <mailto:{mailto or get_settings().unsubscribe_address}?subject=unsubscribe>"
 
 
-def list_headers(*, unsubscribe_url: str) -> dict[str, str]:
+def list_headers(*, unsubscribe_url: str, mailto: str = "") -> dict[str, str]:
     """RFC 2369 / RFC 8058 list headers carried by every mail to a subscriber."""
     return {
         "List-Id": get_settings().list_id_header,
-        "List-Unsubscribe": list_unsubscribe(unsubscribe_url),
+        "List-Unsubscribe": list_unsubscribe(unsubscribe_url, mailto),
         "List-Unsubscribe-Post": ONE_CLICK,
     }
 

@@ -17,6 +17,7 @@ from mailer.models import (
     ConsentEvent,
     Delivery,
     DeliveryState,
+    InboundMessage,
     Notice,
     NoticeKind,
     NoticeState,
@@ -315,6 +316,14 @@ def forget_consent_details(session: Session, subscriber_id: int) -> None:
     session.execute(
         update(ConsentEvent).where(ConsentEvent.subscriber_id == subscriber_id)
         .values(ip=None, user_agent=None, details={})
+    )
+
+
+def forget_inbound_mail(session: Session, subscriber_id: int) -> None:
+    """Erasure: bounces and replies that named the person keep their verdict but lose the mail itself."""
+    session.execute(
+        update(InboundMessage).where(InboundMessage.subscriber_id == subscriber_id)
+        .values(raw=b"(erased)", mail_from="", rcpt_to="", subject="")
     )
 
 

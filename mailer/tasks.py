@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mailer import campaigns, delivery, imports, notices
+from mailer import campaigns, delivery, imap, imports, inbound, notices
 from mailer.celery_app import app
 from mailer.config import get_settings
 
@@ -79,3 +79,16 @@ def tick() -> dict[str, int]:
 def import_subscribers(self: Any, job_id: int) -> None:
     # Chunks commit with their mark, so a rerun goes on after the last committed chunk.
     imports.run(job_id)
+
+
+@app.task(bind=True, name="mailer.process_inbound")  # type: ignore[untyped-decorator]
+@bounded
+def process_inbound(self: Any, inbound_id: int) -> str:
+    # No retry: a row that fails is kept as unclassified; one whose task was lost is re-queued by the tick.
+    return inbound.process(inbound_id)
+
+
+@app.task(bind=True, name="mailer.poll_mailbox", ignore_result=True)  # type: ignore[untyped-decorator]
+@bounded
+def poll_mailbox(self: Any) -> dict[str, int]:
+    return imap.poll_task()

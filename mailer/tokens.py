@@ -95,6 +95,25 @@ def read(purpose: Purpose, token: str, *, max_age: float | None = None) -> list[
     return payload
 
 
+_ADDRESS_KEY = "mailer.address"
+ADDRESS_SIGNATURE_BYTES = 10
+
+
+@lru_cache(maxsize=4)
+def _address_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), _ADDRESS_KEY.encode(), hashlib.sha256).digest()
+
+
+def address_signature(payload: str) -> str:
+    """A signature for a tagged mail address (addresses.py): 80 bits as 16 lower-case base32 letters."""
+    digest = hmac.new(_address_key(get_settings().signing_key()), payload.encode(), hashlib.sha256).digest()
+    return base64.b32encode(digest[:ADDRESS_SIGNATURE_BYTES]).decode().lower()
+
+
+def check_address_signature(payload: str, signature: str) -> bool:
+    return hmac.compare_digest(address_signature(payload), signature.lower())
+
+
 def make_nonce() -> str:
     return secrets.token_hex(6)
 
@@ -124,8 +143,11 @@ def check_csrf(token: str, subscriber_id: int) -> None:
 
 def urls(subscriber_id: int) -> dict[str, str]:
     """The reader's own links, as they appear in every mail."""
+    from mailer.addresses import unsubscribe_mailto
+
     base = get_settings().base_url
     return {
         "unsubscribe_url": f"{base}/unsubscribe/{unsubscribe_token(subscriber_id)}",
         "preferences_url": f"{base}/preferences/{preferences_token(subscriber_id)}",
+        "unsubscribe_mailto": unsubscribe_mailto(subscriber_id),
     }

@@ -43,6 +43,7 @@ from mailer.models import (
     DigestEntry,
     Feed,
     ImportJob,
+    InboundMessage,
     Notice,
     Subscriber,
     Suppression,
@@ -184,9 +185,10 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 def empty_tables() -> None:
     with session_scope() as session:
         for table in (AdminAction.__table__, ImportJob.__table__, AdminSession.__table__, Admin.__table__,
-                      Feed.__table__, DigestEntry.__table__, article_categories, Article.__table__,
-                      Delivery.__table__, Campaign.__table__, Suppression.__table__, WorkerBeat.__table__,
-                      subscriber_categories, Notice.__table__, ConsentEvent.__table__, Subscriber.__table__):
+                      InboundMessage.__table__, Feed.__table__, DigestEntry.__table__, article_categories,
+                      Article.__table__, Delivery.__table__, Campaign.__table__, Suppression.__table__,
+                      WorkerBeat.__table__, subscriber_categories, Notice.__table__, ConsentEvent.__table__,
+                      Subscriber.__table__):
             session.execute(delete(table))
         session.execute(delete(Category).where(Category.id > STARTER_SLUGS))
 

@@ -181,3 +181,19 @@ def test_outbox_shows_what_readers_get(env: Callable[..., None]) -> None:
         assert "sandbox" in html.headers["content-security-policy"]
         assert "/confirm/" in html.text
         assert browser.get("/admin/outbox/..%2Fsecret").status_code == 404
+
+
+def test_inbound_pages_list_what_came_back_and_show_it_raw(console: TestClient) -> None:
+    """Mail nobody could classify is listed for an admin, who reads it exactly as it arrived."""
+    from mailer import inbound
+
+    raw = (b"From: Someone <someone@example.net>\r\nTo: bounces@news.example.org\r\nSubject: Quick question\r\n"
+           b"\r\nCan you send me <b>last week's</b> digest again?\r\n")
+    inbound_id = inbound.receive(channel="smtp", raw=raw, mail_from="someone@example.net",
+                                 rcpt_to=["bounces@news.example.org"])
+    queue.drain()
+    listing = console.get("/admin/inbound", params={"kind": "unclassified"})
+    assert "Quick question" in listing.text
+    shown = console.get(f"/admin/inbound/{inbound_id}")
+    assert "Can you send me &lt;b&gt;last week&#39;s&lt;/b&gt; digest again?" in shown.text
+    assert console.get("/admin/inbound/987654").status_code == 404

@@ -59,3 +59,40 @@ def test_confirmation_and_welcome_go_through_a_real_celery_worker(
     log = worker()
     assert log.count("Task mailer.send_notice[") >= 4, log  # received and succeeded, twice
     assert "Traceback" not in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_an_unsubscribe_mail_is_processed_by_a_real_celery_worker(
+    env: Callable[..., None], smtp: SmtpSink, worker: Callable[[], str]
+) -> None:
+    """The SMTP listener stores the mail and queues `process_inbound` with its id; the worker unsubscribes."""
+    import re
+    import smtplib
+    import time
+
+    from mailer.inbound_smtp import controller
+    from tests.conftest import free_port, make_readers
+    from tests.inbound_helpers import sample
+
+    env(broker_url=BROKER)
+    [reader_id] = make_readers(1, prefix="queued")
+    from mailer import addresses
+
+    mailto = addresses.unsubscribe_mailto(reader_id)
+    assert re.fullmatch(r"unsubscribe\+u\d+-[a-z2-7]{16}@news\.example\.org", mailto)
+    listener = controller("127.0.0.1", free_port())
+    listener.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", listener.port, timeout=10) as client:
+            client.sendmail("queued0@example.org", [mailto],
+                            sample("unsubscribe_request", to=mailto, rcpt="queued0@example.org"))
+    finally:
+        listener.stop()
+    deadline = time.monotonic() + 60
+    while subscriber_row("queued0@example.org").status is not Status.unsubscribed:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, worker()
+        time.sleep(0.1)
+    log = worker()
+    assert "Task mailer.process_inbound[" in log, log
+    assert "Traceback" not in log, log

@@ -36,6 +36,11 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
         ("MAILER_CONFIRM_TTL_HOURS", "soon", "MAILER_CONFIRM_TTL_HOURS"),
         ("MAILER_TRUSTED_PROXIES", "10.0.0.0/8,proxy", "MAILER_TRUSTED_PROXIES has 'proxy'"),
         ("MAILER_BROKER_URL", "localhost:6379", "MAILER_BROKER_URL must be empty or a redis://"),
+        ("MAILER_INBOUND_URL", "pop3://u:p@mail/INBOX", "MAILER_INBOUND_URL must be empty or imaps://"),
+        ("MAILER_BOUNCE_ADDRESS", "bounces", "MAILER_BOUNCE_ADDRESS must be a plain address"),
+        ("MAILER_ADDRESS_DELIMITER", "#", "MAILER_ADDRESS_DELIMITER must be one of + - = _"),
+        ("MAILER_SENDGRID_PUBLIC_KEY", "not-a-key", "MAILER_SENDGRID_PUBLIC_KEY is not an ECDSA public key"),
+        ("MAILER_SNS_CERT_URL_PREFIXES", "ftp://certs", "MAILER_SNS_CERT_URL_PREFIXES has 'ftp://certs'"),
     ],
 )
 def test_bad_setting_stops_with_one_sentence_naming_it(tmp_path: Path, variable: str, value: str, says: str) -> None:
@@ -144,3 +149,45 @@ def test_admin_and_subscriber_commands(tmp_path: Path) -> None:
     erased = run(["subscribers", "erase", "ANN@example.org", "--reason", "asked by mail"], tmp_path, **db)
     assert erased.returncode == 0, erased.stderr
     assert "ann@" not in run(["subscribers", "export"], tmp_path, **db).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_inbound_serve_takes_an_unsubscribe_mail(tmp_path: Path, env, backend: str, smtp) -> None:  # type: ignore[no-untyped-def]
+    """`mailer inbound serve` listens on its port, and a mail to a reader's mailto unsubscribes them."""
+    import signal
+    import smtplib
+
+    from mailer import addresses
+    from tests.conftest import base_env, make_readers, subscriber_row
+    from tests.inbound_helpers import sample
+
+    [reader_id] = make_readers(1)
+    mailto = addresses.unsubscribe_mailto(reader_id)
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    process = subprocess.Popen([*MAILER, "inbound", "serve", "--port", str(port)], cwd=tmp_path,
+                               env={**clean, **base_env(backend, smtp.port, tmp_path / "outbox")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the listener did not start"
+                time.sleep(0.2)
+        with client:
+            client.sendmail("reader0@example.org", [mailto],
+                            sample("unsubscribe_request", to=mailto, rcpt="reader0@example.org"))
+        deadline = time.monotonic() + 20
+        while subscriber_row("reader0@example.org").status.value != "unsubscribed":
+            assert time.monotonic() < deadline, "the mail was not processed"
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert f"on 127.0.0.1:{port}" in output
+    assert process.returncode == 0, output
+    assert "Traceback" not in output

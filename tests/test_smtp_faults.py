@@ -61,6 +61,10 @@ def test_each_failure_mode_ends_in_its_state(admin: TestClient, faulty: FaultySm
     # A bad mailbox is suppressed and its reader marked bounced; a policy refusal is not about the address.
     assert subscriber_row("reader1@example.org").status is Status.bounced
     assert subscriber_row("reader2@example.org").status is Status.confirmed
+    # The same policy as bounces that come back later: the 5.1.1 is a hard bounce; the 5.7.1 is a block,
+    # which says nothing about the address and counts nothing against the reader.
+    assert subscriber_row("reader2@example.org").bounce_score == 0
+    assert subscriber_row("reader1@example.org").bounce_score == 0
     # Exactly what the server took: one copy each, none for refusals, and no resend of the unknowns.
     for number, copies in enumerate([1, 0, 0, 1, 1, 1, 0, 1, 1, 1]):
         assert faulty.count(f"reader{number}@example.org") == copies, number
@@ -130,7 +134,7 @@ def test_refused_sender_pauses_and_blames_nobody(admin: TestClient, env: Callabl
         campaign_id = create(admin)
         admin.post(f"/api/campaigns/{campaign_id}/send")
         paused = wait_until(admin, campaign_id, statuses=("paused",))
-        assert "refused the sender newsletter@news.example.org (553 5.1.8" in paused["status_reason"]
+        assert "refused the sender bounces@news.example.org (553 5.1.8" in paused["status_reason"]
         assert paused["counts"]["failed"] == 0
         for email, row in deliveries(campaign_id).items():
             assert row.state.value in {"pending", "deferred"}, (email, row.state)

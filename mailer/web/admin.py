@@ -17,11 +17,11 @@ from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 
-from mailer import admins, console, exports, imports, store, subscriptions, suppressions
+from mailer import admins, console, exports, imports, inbound, store, subscriptions, suppressions
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError, NotFound
-from mailer.models import AdminAction, Frequency, ImportJob, Status
+from mailer.models import AdminAction, Frequency, ImportJob, InboundKind, InboundMessage, Status
 from mailer.subscriptions import Choices, Origin
 from mailer.web.admin_auth import back, check_csrf, page, signed_in
 from mailer.web.clients import client_ip
@@ -285,3 +285,31 @@ def sandboxed(html: str) -> Response:
     return Response(html, media_type="text/html; charset=utf-8", headers={
         "Content-Security-Policy": "sandbox; default-src 'none'; img-src * data:; style-src 'unsafe-inline'",
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+
+@router.get("/inbound")
+def inbound_list(request: Request, who: Who, kind: str = "", before: int = 0) -> Response:
+    """What came back: bounces, complaints, unsubscribes by mail, and the mail nobody could classify."""
+    wanted = InboundKind(kind) if kind in InboundKind.__members__ else None
+    query = select(InboundMessage).order_by(InboundMessage.id.desc()).limit(PAGE)
+    if wanted is not None:
+        query = query.where(InboundMessage.kind == wanted)
+    if before > 0:
+        query = query.where(InboundMessage.id < before)
+    with session_scope() as session:
+        rows = [inbound.as_dict(row) for row in session.scalars(query)]
+    return page(request, "admin/inbound.html", {
+        "rows": rows, "kind": kind, "kinds": list(InboundKind.__members__),
+        "next_before": rows[-1]["id"] if len(rows) == PAGE else None}, who=who)
+
+
+@router.get("/inbound/{inbound_id}")
+def inbound_message(request: Request, who: Who, inbound_id: int) -> Response:
+    with session_scope() as session:
+        row = session.get(InboundMessage, inbound_id) if 0 < inbound_id < 2**63 else None
+        if row is None:
+            return page(request, "admin/message.html", {"heading": "Not found",
+                                                         "text": f"There is no inbound message {inbound_id}."},
+                        who=who, status_code=404)
+        item = inbound.as_dict(row, raw=True)
+    return page(request, "admin/inbound_message.html", {"m": item}, who=who)

@@ -15,7 +15,18 @@ from mailer import __version__, queue
 from mailer.config import get_settings
 from mailer.db import engine
 from mailer.errors import Conflict, InvalidInput, LoginRefused, MailerError, NotFound, RateLimited
-from mailer.web import admin, admin_api, admin_auth, admin_campaigns, api, campaigns_api, digests_api, public
+from mailer.web import (
+    admin,
+    admin_api,
+    admin_auth,
+    admin_campaigns,
+    api,
+    campaigns_api,
+    digests_api,
+    inbound_api,
+    public,
+    webhooks_api,
+)
 
 
 def _is_api(request: Request) -> bool:
@@ -65,6 +76,9 @@ def create_app(*, background: bool = False) -> FastAPI:
                               ["The page was open too long, or came from somewhere else. Go back, reload it and "
                                "try again."], 400)
 
+    app.include_router(inbound_api.router)
+    app.include_router(webhooks_api.router)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         with engine().connect() as connection:
@@ -98,7 +112,9 @@ def create_app(*, background: bool = False) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
-        if _is_api(request) or request.url.path in {"/healthz", "/docs", "/openapi.json"}:
+        path = request.url.path
+        machine = path.startswith("/webhooks/") or path in {"/healthz", "/docs", "/openapi.json"}
+        if _is_api(request) or machine:
             return JSONResponse({"detail": error.detail}, status_code=error.status_code,
                                 headers=getattr(error, "headers", None))
         heading = "Page not found" if error.status_code == 404 else "Something is not right"
