@@ -23,6 +23,8 @@ from mailer.models import (
     ConsentEvent,
     Delivery,
     DeliveryState,
+    InboundKind,
+    InboundMessage,
     Status,
     Subscriber,
     Suppression,
@@ -40,9 +42,11 @@ class CampaignLine:
     status_reason: str
     total: int
     counts: dict[str, int]
-    # Recipients who unsubscribed, or bounced, after this campaign reached them.
+    # Recipients who unsubscribed after this campaign reached them, and readers whose bounce or
+    # complaint about this campaign came back later (send-time refusals are in counts["failed"]).
     unsubscribed: int
     bounced: int
+    complained: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -59,23 +63,21 @@ class Stats:
 
 def campaign_line(session: Session, campaign: Campaign) -> CampaignLine:
     counts = store.delivery_counts(session, campaign.id)
-    left = session.execute(
-        select(Subscriber.status, func.count())
-        .join(Delivery, Delivery.subscriber_id == Subscriber.id)
-        .where(Delivery.campaign_id == campaign.id, Delivery.state == DeliveryState.sent,
-               or_(and_(Subscriber.status == Status.unsubscribed, Subscriber.unsubscribed_at >= Delivery.sent_at),
-                   Subscriber.status == Status.bounced))
-        .group_by(Subscriber.status)
-    ).all()
-    after = {Status(status).value: int(n) for status, n in left}
-    failed_bounces = session.scalar(
+    unsubscribed = session.scalar(
         select(func.count()).select_from(Delivery).join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-        .where(Delivery.campaign_id == campaign.id, Delivery.state == DeliveryState.failed,
-               Subscriber.status == Status.bounced)) or 0
+        .where(Delivery.campaign_id == campaign.id, Delivery.state == DeliveryState.sent,
+               Subscriber.status == Status.unsubscribed, Subscriber.unsubscribed_at >= Delivery.sent_at)) or 0
+    # Bounces that came back later (DSNs, provider events) name their campaign through the return path.
+    came_back: dict[InboundKind, int] = {InboundKind(kind): int(n) for kind, n in session.execute(
+        select(InboundMessage.kind, func.count(func.distinct(InboundMessage.subscriber_id)))
+        .where(InboundMessage.campaign_id == campaign.id,
+               InboundMessage.kind.in_([InboundKind.bounce, InboundKind.complaint]))
+        .group_by(InboundMessage.kind))}
     return CampaignLine(
         id=campaign.id, kind=campaign.kind.value, subject=campaign.subject, status=campaign.status.value,
         status_reason=campaign.status_reason, total=campaign.total, counts=counts,
-        unsubscribed=after.get("unsubscribed", 0), bounced=after.get("bounced", 0) + int(failed_bounces),
+        unsubscribed=int(unsubscribed), bounced=int(came_back.get(InboundKind.bounce, 0)),
+        complained=int(came_back.get(InboundKind.complaint, 0)),
         created_at=campaign.created_at, started_at=campaign.started_at, finished_at=campaign.finished_at,
     )
 

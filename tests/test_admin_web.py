@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from mailer import admins, queue
 from mailer.db import session_scope
 from mailer.web.app import create_app
-from tests.conftest import SmtpSink, make_readers, subscriber_row
+from tests.conftest import ADMIN_TOKEN, SmtpSink, make_readers, subscriber_row
 
 EMAIL, PASSWORD = "editor@news.example.org", "correct horse battery"
 
@@ -197,3 +197,22 @@ def test_inbound_pages_list_what_came_back_and_show_it_raw(console: TestClient) 
     shown = console.get(f"/admin/inbound/{inbound_id}")
     assert "Can you send me &lt;b&gt;last week&#39;s&lt;/b&gt; digest again?" in shown.text
     assert console.get("/admin/inbound/987654").status_code == 404
+
+
+def test_campaign_counts_bounces_complaints_and_unsubscribes_that_came_back(console: TestClient) -> None:
+    """The campaign's line counts the bounce and the complaint that named it, and the reader who left after it."""
+    from mailer import subscriptions
+    from mailer.subscriptions import Origin
+    from tests.inbound_helpers import sample, sent_campaign, take_in
+
+    bounced, complained, leaver, stayer = sent_campaign(4)
+    take_in(sample("postfix_user_unknown", **bounced.values()), rcpt_to=[bounced.return_path])
+    take_in(sample("yahoo_arf", **complained.values()), rcpt_to=[complained.return_path])
+    with session_scope() as session:
+        subscriptions.unsubscribe(session, subscriber_id=leaver.subscriber_id, origin=Origin(channel="one-click"))
+    [line] = [c for c in console.get("/api/stats", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()[
+        "campaigns"] if c["id"] == bounced.campaign_id]
+    assert (line["counts"]["sent"], line["bounced"], line["complained"], line["unsubscribed"]) == (4, 1, 1, 1)
+    page = console.get(f"/admin/campaigns/{bounced.campaign_id}")
+    assert "Bounced later: 1 · complaints: 1 · unsubscribed after it: 1" in page.text
+    assert stayer.email not in page.text
