@@ -67,7 +67,8 @@ class Templates:
             if variants is not None:
                 self.digests.move_to_end(content)
             else:
-                variants = self.digests[content] = digests.render_content(session, content)
+                variants = self.digests[content] = digests.render_content(
+                    session, content, zone=digests.zone_of(campaign.run_key))
                 if len(self.digests) > self.KEEP:
                     self.digests.popitem(last=False)
             ready.append(Job(job.claim, job.reader, variants))

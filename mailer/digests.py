@@ -289,7 +289,7 @@ def preview(email: str) -> render.Rendered | None:
         content = Content(tuple(
             (None if s.category_id == UNCATEGORISED else s.category_id, s.article_ids, len(s.more))
             for s in sections))
-        variants = render_content(session, content)
+        variants = render_content(session, content, zone=reader.timezone)
         fields = compose.Reader(email=reader.email, name=reader.name, **tokens.urls(reader.id))
     template = variants.for_reader(fields)
     values = fields.fields()
@@ -317,8 +317,15 @@ def contents(session: Session, delivery_ids: list[int]) -> dict[int, Content]:
     }
 
 
-def render_content(session: Session, content: Content) -> compose.Variants:
-    """The digest template for one distinct content, rendered on first use."""
+def zone_of(run_key: str | None) -> str | None:
+    """The readers' zone of a digest run ("daily:2026-11-25:Asia/Tokyo"); None for the site's zone."""
+    parts = (run_key or "").split(":", 2)
+    return parts[2] if len(parts) == 3 else None
+
+
+def render_content(session: Session, content: Content, *, zone: str | None = None) -> compose.Variants:
+    """The digest template for one distinct content, rendered on first use. Dates and times are
+    written in the readers' zone (a run holds the readers of one zone; None is the site's)."""
     article_ids = [a for _, ids, _ in content.sections for a in ids]
     articles = {a.id: a for a in session.scalars(select(Article).where(Article.id.in_(article_ids)))}
     categories = {c.id: c for c in store.categories(session)}
@@ -329,12 +336,12 @@ def render_content(session: Session, content: Content) -> compose.Variants:
         sections.append({
             "name": category.name if category else "More news",
             "url": f"{base}/categories/{category.slug}" if category else base,
-            "articles": [_article(articles[i]) for i in ids if i in articles],
+            "articles": [_article(articles[i], zone) for i in ids if i in articles],
             "more": more,
         })
     top = sections[0]["articles"][0]["title"] if sections and sections[0]["articles"] else ""
     context: dict[str, Any] = {"sections": sections, "top_headline": top,
-                               "date": utcnow().strftime("%A, %B %-d, %Y")}
+                               "date": local(utcnow(), zone).strftime("%A, %B %-d, %Y")}
 
     def rendered(markers: dict[str, Any]) -> render.Rendered:
         return render.render("digest", {**context, **markers})
@@ -342,7 +349,7 @@ def render_content(session: Session, content: Content) -> compose.Variants:
     return compose.Variants(rendered)
 
 
-def _article(article: Article) -> dict[str, Any]:
-    when = article.published_at or article.ingested_at
+def _article(article: Article, zone: str | None) -> dict[str, Any]:
+    when = local(article.published_at or article.ingested_at, zone)
     return {"title": article.title, "url": article.url, "source": article.source, "summary": article.summary,
-            "published": when.strftime("%b %-d, %H:%M UTC"), "image_url": article.image_url}
+            "published": when.strftime("%b %-d, %H:%M %Z"), "image_url": article.image_url}

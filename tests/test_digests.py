@@ -214,14 +214,20 @@ def test_readers_get_their_digest_at_the_hour_in_their_own_zone(admin: TestClien
     tokyo_morning = datetime(2026, 12, 1, 7, 5, tzinfo=ZoneInfo("Asia/Tokyo"))  # 17:05 the day before in New York
     add(admin, article(1, "Peace & Diplomacy"))
     with session_scope() as session:
-        session.execute(update(Article).values(ingested_at=tokyo_morning - timedelta(hours=1)))
+        session.execute(update(Article).values(ingested_at=tokyo_morning - timedelta(hours=1),
+                                               published_at=datetime(2026, 11, 30, 22, 30, tzinfo=ZoneInfo("UTC"))))
     assert digests.due(tokyo_morning) == [(Frequency.daily, None), (Frequency.daily, "Asia/Tokyo")]
     tokyo_only = digests.due(tokyo_morning.replace(hour=7).astimezone(ZoneInfo("America/New_York"))
                              .replace(hour=6))
     assert tokyo_only == [(Frequency.daily, "Asia/Tokyo")]
     result = digests.run(Frequency.daily, now=tokyo_morning, zone="Asia/Tokyo")
     wait_until(admin, result.campaign_id)
-    assert [m.recipients[0] for m in smtp.wait_for(1)] == ["tokyo@example.org"]
+    [mail] = smtp.wait_for(1)
+    assert mail.recipients == ["tokyo@example.org"]
+    # Dates and times are the reader's own: the day in Tokyo, and 22:30 UTC as 07:30 the next day there.
+    today_in_tokyo = datetime.now(ZoneInfo("Asia/Tokyo")).strftime("%A, %B %-d, %Y")
+    assert mail.message["Subject"].startswith(today_in_tokyo)
+    assert "Dec 1, 07:30 JST" in mail.part("plain")
 
 
 def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:
