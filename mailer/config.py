@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     admin_login_rate_limit: str = "20/minute"
     rate_limit_storage_url: str = ""
     trusted_proxies: Annotated[list[str], NoDecode] = []
+    # Origins whose pages may POST sign-ups as JSON from script (CORS); forms need no entry here.
+    signup_origins: Annotated[list[str], NoDecode] = []
     check_deliverability: bool = False
 
     # The sending engine. Connection and rate limits are per worker process.
@@ -266,6 +268,18 @@ class Settings(BaseSettings):
 
             load_ec_public_key(value)
         return value.strip()
+
+    @field_validator("signup_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for item in value:
+                parts = urlsplit(str(item))
+                if item != "*" and (parts.scheme not in {"http", "https"} or not parts.netloc or parts.path):
+                    raise ValueError(f"has {item!r}; give origins such as https://news.example.org, or *")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

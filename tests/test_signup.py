@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from mailer import queue
 from mailer.db import session_scope
 from mailer.models import Status, Subscriber
 from mailer.web.app import create_app
@@ -222,3 +223,28 @@ def test_no_header_injection_through_the_name(client: TestClient, smtp: SmtpSink
     to = str(mail.message["To"])
     assert to.startswith('"Eve ') or to.startswith("Eve ")
     assert "\n" not in subscriber_row("eve@example.org").name
+
+
+def test_json_sign_up_from_the_sites_own_pages_passes_cors(client: TestClient, smtp: SmtpSink,
+                                                           env: Callable[..., None]) -> None:
+    """Script on a listed origin may POST a JSON sign-up; other origins get no CORS grant, and no credentials."""
+    env(signup_origins="https://www.example-news.org")
+    preflight = client.options("/subscribe", headers={"Origin": "https://www.example-news.org",
+                                                      "Access-Control-Request-Method": "POST",
+                                                      "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "https://www.example-news.org"
+    assert "access-control-allow-credentials" not in preflight.headers
+    posted = client.post("/subscribe", json={"email": "script@example.org"},
+                         headers={"Origin": "https://www.example-news.org"})
+    assert posted.status_code == 200
+    assert posted.headers["access-control-allow-origin"] == "https://www.example-news.org"
+    queue.drain()
+    assert smtp.wait_for(1)[0].recipients == ["script@example.org"]
+    stranger = client.options("/subscribe", headers={"Origin": "https://evil.example",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert stranger.status_code == 403
+    assert "access-control-allow-origin" not in client.post(
+        "/subscribe", json={"email": "other@example.org"}, headers={"Origin": "https://evil.example"}).headers
+    assert "access-control-allow-origin" not in client.get("/api/categories",
+                                                           headers={"Origin": "https://www.example-news.org"}).headers

@@ -22,6 +22,7 @@ from mailer.web import (
     admin_campaigns,
     api,
     campaigns_api,
+    cors,
     digests_api,
     inbound_api,
     public,
@@ -55,6 +56,7 @@ def create_app(*, background: bool = False) -> FastAPI:
             ticker.stop()
 
     app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app.middleware("http")(cors.signup_cors)
     app.include_router(public.router)
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
