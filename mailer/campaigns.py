@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_SUBJECT = 300
 MAX_RENDERED = 5_000_000
-MAX_ID = 2**63 - 1
+MAX_ID = 2**31 - 1  # campaigns.id is a 32-bit integer on PostgreSQL
 SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,119}")
 
 SAMPLE_READER = compose.Reader(email="reader@example.org", name="Sample Reader",

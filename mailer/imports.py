@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailer import admins, queue, store
@@ -54,13 +55,21 @@ COUNTS = ("added", "updated", "unchanged", "skipped", "errors")
 
 
 def decode(data: bytes) -> str:
-    """CSV bytes as text: UTF-8 (with or without BOM), else Windows-1252, which spreadsheets still write."""
+    """CSV bytes as text: UTF-8 (with or without BOM), UTF-16 with a BOM (Excel's "Unicode text"),
+    else Windows-1252, which spreadsheets still write. Anything with NUL bytes left is not a text file."""
     if len(data) > MAX_BYTES:
         raise InvalidInput("file", f"The file is larger than {MAX_BYTES // 1024 // 1024} MB; split it.")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = data.decode("utf-16", errors="replace")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("cp1252", errors="replace")
+    if "\x00" in text:
+        raise InvalidInput("file", "The file holds NUL bytes, so it is not a CSV text file; save it as "
+                                   "\"CSV UTF-8\" and upload it again.")
+    return text
 
 
 def _header(content: str) -> tuple[list[str], list[str]]:
@@ -188,6 +197,11 @@ class _Importer:
         self.source = {"file": job.filename, "by": job.actor, "job": job.id}
         # Addresses seen earlier in this run: a second row for one address is an error, not an update.
         self.seen: dict[str, int] = {}
+
+    def forget(self, batch: list[tuple[int, dict[str, str]]]) -> None:
+        """A chunk rolled back: its addresses are no longer "seen earlier in this run"."""
+        lines = {number for number, _cells in batch}
+        self.seen = {key: line for key, line in self.seen.items() if line not in lines}
 
     def chunk(self, session: Session, lines: list[tuple[int, dict[str, str]]], categories: _Categories) -> Chunk:
         result = Chunk()
@@ -374,13 +388,30 @@ def _analyze() -> None:
 
 def _commit(importer: _Importer, batch: list[tuple[int, dict[str, str]]], categories: _Categories,
             done: int) -> int:
-    """Import one chunk and move the mark in one transaction; -1 when another run got there first."""
+    """Import one chunk and move the mark in one transaction; -1 when another run got there first.
+
+    The job row is locked and its mark compared before any row is written, so a second run of the same
+    job (a redelivered task, a re-queue) waits here and then stops instead of importing the chunk again.
+    """
+    for attempt in range(2):
+        try:
+            return _commit_once(importer, batch, categories, done)
+        except IntegrityError:
+            # Another import (or a sign-up) added one of these addresses meanwhile: the chunk is
+            # rolled back whole, and read again it finds those rows and updates them instead.
+            if attempt:
+                raise
+            importer.forget(batch)
+    return -1
+
+
+def _commit_once(importer: _Importer, batch: list[tuple[int, dict[str, str]]], categories: _Categories,
+                 done: int) -> int:
     with session_scope() as session:
-        chunk = importer.chunk(session, batch, categories)
         job = session.get(ImportJob, importer.job_id, with_for_update=True)
-        if job is None or job.processed != done:
-            session.rollback()
+        if job is None or job.processed != done or job.state is not ImportState.running:
             return -1
+        chunk = importer.chunk(session, batch, categories)
         counts = dict(job.counts)
         for key, value in chunk.counts.items():
             counts[key] = counts.get(key, 0) + value
@@ -397,8 +428,8 @@ def _commit(importer: _Importer, batch: list[tuple[int, dict[str, str]]], catego
 def _finish(job_id: int, state: ImportState, message: str) -> None:
     with session_scope() as session:
         job = session.get(ImportJob, job_id, with_for_update=True)
-        if job is None:
-            return
+        if job is None or job.state is ImportState.done:
+            return  # Another run finished it; a late failure of this one must not undo that.
         job.state, job.finished_at = state, utcnow()
         if message:
             job.message = f"{job.message} {message}".strip()

@@ -31,9 +31,9 @@ CSV_WITH_BAD_ROWS = (
 )
 
 
-def upload(admin: TestClient, content: str, **params: Any) -> dict[str, Any]:
-    response = admin.post("/api/imports", params=params,
-                          files={"file": ("list.csv", content.encode(), "text/csv")})
+def upload(admin: TestClient, content: str | bytes, **params: Any) -> dict[str, Any]:
+    data = content if isinstance(content, bytes) else content.encode()
+    response = admin.post("/api/imports", params=params, files={"file": ("list.csv", data, "text/csv")})
     assert response.status_code == 202, response.text
     return finished(admin, response.json()["id"])
 
@@ -220,3 +220,44 @@ def test_an_erased_person_can_come_back_on_their_own_but_an_admin_block_holds(ad
     queue.drain()
     time.sleep(0.3)
     assert smtp.messages == [], "no confirmation mail to an address an admin blocked"
+
+
+def test_two_runs_of_one_import_import_each_row_once(admin: TestClient) -> None:
+    """A job run twice at once (a redelivered task) imports every row once and ends done, not failed."""
+    import threading
+
+    from mailer import imports
+    from mailer.db import session_scope as scope
+
+    rows = "".join(f"twice{i}@example.org,Twice {i}\n" for i in range(2500))
+    with scope() as session:
+        job_id = imports.create_job(session, content="email,name\n" + rows, filename="twice.csv", actor="test",
+                                    dry_run=False).id
+    runners = [threading.Thread(target=imports.run, args=(job_id,)) for _ in range(2)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join(timeout=60)
+    report = admin.get(f"/api/imports/{job_id}").json()
+    assert (report["state"], report["processed"], report["message"]) == ("done", 2500, "")
+    assert report["counts"]["added"] == 2500
+    assert report["counts"]["unchanged"] == 0
+    exported = admin.get("/api/subscribers/export").text
+    assert exported.count("twice") == 2500
+
+
+def test_odd_files_and_ids_get_sentences(admin: TestClient) -> None:
+    """NUL bytes, UTF-16, a header alone and huge ids get a sentence or an empty report, never a 500."""
+    nul = admin.post("/api/imports", files={"file": ("x.csv", b"email\na@b.org\x00\n", "text/csv")})
+    assert nul.status_code == 422
+    assert "NUL bytes" in nul.json()["detail"]
+    utf16 = upload(admin, "email,name\nzoe@example.org,Zoë\n".encode("utf-16"))
+    assert utf16["counts"]["added"] == 1
+    zoe = subscriber_row("zoe@example.org")
+    assert zoe is not None
+    assert zoe.name == "Zoë"
+    header_only = upload(admin, "email,name\n")
+    assert (header_only["total"], header_only["counts"]["added"]) == (0, 0)
+    for path in ("/api/subscribers/99999999999", "/api/imports/99999999999", "/api/campaigns/99999999999"):
+        assert admin.get(path).status_code == 422, path
+    assert admin.get("/api/campaigns/1/deliveries", params={"after": 2**70}).status_code == 422

@@ -25,6 +25,7 @@ from mailer.models import AdminAction, Frequency, ImportJob, InboundKind, Inboun
 from mailer.subscriptions import Choices, Origin
 from mailer.web.admin_auth import back, check_csrf, page, signed_in
 from mailer.web.clients import client_ip
+from mailer.web.ids import BigId, BigMark, RowId, RowMark
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 Who = Annotated[admins.SignedIn, Depends(signed_in)]
@@ -54,7 +55,7 @@ def dashboard(request: Request, who: Who) -> Response:
 
 
 @router.get("/subscribers")
-def subscribers(request: Request, who: Who, q: str = "", status: str = "", after: int = 0) -> Response:
+def subscribers(request: Request, who: Who, q: str = "", status: str = "", after: RowMark = 0) -> Response:
     wanted = Status(status) if status in Status.__members__ else None
     with session_scope() as session:
         found = console.find_subscribers(session, query=q[:200], status=wanted, after_id=max(after, 0),
@@ -75,7 +76,7 @@ def export(who: Who, status: str = "") -> StreamingResponse:
 
 
 @router.get("/subscribers/{subscriber_id}")
-def subscriber(request: Request, who: Who, subscriber_id: int) -> Response:
+def subscriber(request: Request, who: Who, subscriber_id: RowId) -> Response:
     with session_scope() as session:
         try:
             view = console.subscriber_view(session, subscriber_id)
@@ -90,7 +91,7 @@ def subscriber(request: Request, who: Who, subscriber_id: int) -> Response:
 
 
 @router.post("/subscribers/{subscriber_id}")
-async def subscriber_change(request: Request, who: Who, subscriber_id: int) -> Response:
+async def subscriber_change(request: Request, who: Who, subscriber_id: RowId) -> Response:
     form = await request.form()
     check_csrf(who, str(form.get("csrf_token") or ""))
     action = str(form.get("action") or "")
@@ -101,9 +102,12 @@ async def subscriber_change(request: Request, who: Who, subscriber_id: int) -> R
         with session_scope() as session:
             if action == "edit":
                 found = console.subscriber_view(session, subscriber_id).subscriber
+                frequency = str(form.get("frequency") or "daily")
+                if frequency not in Frequency.__members__:
+                    raise InvalidInput("frequency", "Pick daily or weekly.")
                 choices = Choices(name=str(form.get("name") or ""),
                                   categories=tuple(str(v) for v in form.getlist("categories")),
-                                  frequency=Frequency(str(form.get("frequency") or "daily")))
+                                  frequency=Frequency(frequency))
                 subscriptions.update_by_admin(session, subscriber=found, choices=choices,
                                               timezone=str(form.get("timezone") or "") or None,
                                               origin=origin(request, who))
@@ -157,7 +161,7 @@ async def import_upload(request: Request, who: Who, file: UploadFile, csrf_token
 
 
 @router.get("/import/{job_id}")
-def import_job(request: Request, who: Who, job_id: int) -> Response:
+def import_job(request: Request, who: Who, job_id: RowId) -> Response:
     with session_scope() as session:
         try:
             report = imports.report(session, job_id)
@@ -168,7 +172,7 @@ def import_job(request: Request, who: Who, job_id: int) -> Response:
 
 
 @router.get("/import/{job_id}/progress")
-def import_progress(who: Who, job_id: int) -> JSONResponse:
+def import_progress(who: Who, job_id: RowId) -> JSONResponse:
     with session_scope() as session:
         report = imports.report(session, job_id)
     return JSONResponse({"state": report.state, "processed": report.processed, "total": report.total,
@@ -176,7 +180,7 @@ def import_progress(who: Who, job_id: int) -> JSONResponse:
 
 
 @router.post("/import/{job_id}/run")
-def import_run(who: Who, job_id: int, csrf_token: str = Form("")) -> Response:
+def import_run(who: Who, job_id: RowId, csrf_token: str = Form("")) -> Response:
     check_csrf(who, csrf_token)
 
     def change() -> str:
@@ -189,7 +193,7 @@ def import_run(who: Who, job_id: int, csrf_token: str = Form("")) -> Response:
 
 
 @router.get("/suppressions")
-def suppression_list(request: Request, who: Who, q: str = "", before: int = 0) -> Response:
+def suppression_list(request: Request, who: Who, q: str = "", before: RowMark = 0) -> Response:
     with session_scope() as session:
         rows = suppressions.entries(session, query=q[:320], before_id=before or None, limit=PAGE)
         trail = session.scalars(select(AdminAction).where(AdminAction.action.in_(["suppress", "unsuppress"]))
@@ -213,7 +217,7 @@ def suppression_add(who: Who, email_address: str = Form("", alias="email"), reas
 
 
 @router.post("/suppressions/{entry_id}/remove")
-def suppression_remove(who: Who, entry_id: int, reason: str = Form(""), csrf_token: str = Form("")) -> Response:
+def suppression_remove(who: Who, entry_id: RowId, reason: str = Form(""), csrf_token: str = Form("")) -> Response:
     check_csrf(who, csrf_token)
 
     def change() -> str:
@@ -288,7 +292,7 @@ def sandboxed(html: str) -> Response:
 
 
 @router.get("/inbound")
-def inbound_list(request: Request, who: Who, kind: str = "", before: int = 0) -> Response:
+def inbound_list(request: Request, who: Who, kind: str = "", before: BigMark = 0) -> Response:
     """What came back: bounces, complaints, unsubscribes by mail, and the mail nobody could classify."""
     wanted = InboundKind(kind) if kind in InboundKind.__members__ else None
     query = select(InboundMessage).order_by(InboundMessage.id.desc()).limit(PAGE)
@@ -304,9 +308,9 @@ def inbound_list(request: Request, who: Who, kind: str = "", before: int = 0) ->
 
 
 @router.get("/inbound/{inbound_id}")
-def inbound_message(request: Request, who: Who, inbound_id: int) -> Response:
+def inbound_message(request: Request, who: Who, inbound_id: BigId) -> Response:
     with session_scope() as session:
-        row = session.get(InboundMessage, inbound_id) if 0 < inbound_id < 2**63 else None
+        row = session.get(InboundMessage, inbound_id)
         if row is None:
             return page(request, "admin/message.html", {"heading": "Not found",
                                                          "text": f"There is no inbound message {inbound_id}."},

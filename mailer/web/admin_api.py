@@ -18,9 +18,10 @@ from mailer.models import Frequency, Status
 from mailer.subscriptions import Choices, Origin
 from mailer.web.api import SubscriberOut, require_admin
 from mailer.web.clients import client_ip
+from mailer.web.ids import ROW_MAX, RowId
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)], tags=["subscribers"])
-SubscriberId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The subscriber's id.")]
+SubscriberId = Annotated[int, Path(ge=1, le=ROW_MAX, description="The subscriber's id.")]
 API_ACTOR = "admin-api"
 
 
@@ -135,13 +136,13 @@ async def start_import(
 
 
 @router.get("/imports/{job_id}")
-def import_report(job_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> dict[str, Any]:
+def import_report(job_id: RowId) -> dict[str, Any]:
     with session_scope() as session:
         return asdict(imports.report(session, job_id))
 
 
 @router.post("/imports/{job_id}/run", status_code=202)
-def run_import(job_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> dict[str, Any]:
+def run_import(job_id: RowId) -> dict[str, Any]:
     """Import for real the file a finished dry run checked."""
     with session_scope() as session:
         imports.promote(session, job_id)
@@ -157,7 +158,7 @@ class SuppressionIn(BaseModel):
 
 
 @router.get("/suppressions", tags=["suppressions"])
-def list_suppressions(q: str = "", before: Annotated[int | None, Query(ge=1)] = None,
+def list_suppressions(q: str = "", before: Annotated[int | None, Query(ge=1, le=ROW_MAX)] = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     with session_scope() as session:
         return [asdict(e) for e in suppressions.entries(session, query=q, before_id=before, limit=limit)]
@@ -171,7 +172,7 @@ def add_suppression(body: SuppressionIn) -> dict[str, Any]:
 
 
 @router.post("/suppressions/{entry_id}/remove", tags=["suppressions"])
-def remove_suppression(entry_id: Annotated[int, Path(ge=1, le=2**31 - 1)], body: Reason) -> dict[str, Any]:
+def remove_suppression(entry_id: RowId, body: Reason) -> dict[str, Any]:
     with session_scope() as session:
         suppressions.remove(session, entry_id=entry_id, reason=body.reason, actor=API_ACTOR)
     return {"id": entry_id, "removed": True}

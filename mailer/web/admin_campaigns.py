@@ -18,6 +18,7 @@ from mailer.models import Delivery, DeliveryState, utcnow
 from mailer.subscriptions import normalize_email
 from mailer.web.admin import attempt, sandboxed
 from mailer.web.admin_auth import back, check_csrf, page, signed_in
+from mailer.web.ids import BigMark, RowId, RowMark
 
 router = APIRouter(prefix="/admin/campaigns", include_in_schema=False)
 Who = Annotated[admins.SignedIn, Depends(signed_in)]
@@ -39,7 +40,7 @@ def live(campaign_id: int) -> dict[str, object]:
 
 
 @router.get("")
-def campaign_list(request: Request, who: Who, before: int = 0) -> Response:
+def campaign_list(request: Request, who: Who, before: RowMark = 0) -> Response:
     with session_scope() as session:
         lines = console.recent_campaigns(session, limit=PAGE, before_id=before or None)
     return page(request, "admin/campaigns.html", {
@@ -79,7 +80,7 @@ async def create(request: Request, who: Who) -> Response:
 
 
 @router.get("/{campaign_id}")
-def detail(request: Request, who: Who, campaign_id: int, reader: str = "") -> Response:
+def detail(request: Request, who: Who, campaign_id: RowId, reader: str = "") -> Response:
     try:
         state = live(campaign_id)
         with session_scope() as session:
@@ -98,12 +99,12 @@ def detail(request: Request, who: Who, campaign_id: int, reader: str = "") -> Re
 
 
 @router.get("/{campaign_id}/progress")
-def progress(who: Who, campaign_id: int) -> JSONResponse:
+def progress(who: Who, campaign_id: RowId) -> JSONResponse:
     return JSONResponse(live(campaign_id))
 
 
 @router.get("/{campaign_id}/preview")
-def preview_html(who: Who, campaign_id: int, reader: str = "") -> Response:
+def preview_html(who: Who, campaign_id: RowId, reader: str = "") -> Response:
     with session_scope() as session:
         try:
             found = console.preview(session, campaign_id, email_address=reader or None)
@@ -113,7 +114,7 @@ def preview_html(who: Who, campaign_id: int, reader: str = "") -> Response:
 
 
 @router.post("/{campaign_id}/action")
-def action(who: Who, campaign_id: int, csrf_token: str = Form(""), do: str = Form(""),
+def action(who: Who, campaign_id: RowId, csrf_token: str = Form(""), do: str = Form(""),
            at: str = Form("")) -> Response:
     check_csrf(who, csrf_token)
     here = f"/admin/campaigns/{campaign_id}"
@@ -159,7 +160,7 @@ def _local_time(text: str) -> datetime:
 
 
 @router.post("/{campaign_id}/test")
-async def send_test(who: Who, campaign_id: int, csrf_token: str = Form(""), emails: str = Form("")) -> Response:
+async def send_test(who: Who, campaign_id: RowId, csrf_token: str = Form(""), emails: str = Form("")) -> Response:
     check_csrf(who, csrf_token)
     here = f"/admin/campaigns/{campaign_id}"
     addresses = [part.strip() for part in emails.replace(";", ",").replace("\n", ",").split(",") if part.strip()]
@@ -175,8 +176,8 @@ async def send_test(who: Who, campaign_id: int, csrf_token: str = Form(""), emai
 
 
 @router.get("/{campaign_id}/deliveries")
-def deliveries(request: Request, who: Who, campaign_id: int, q: str = "", state: str = "",
-               after: int = 0) -> Response:
+def deliveries(request: Request, who: Who, campaign_id: RowId, q: str = "", state: str = "",
+               after: BigMark = 0) -> Response:
     wanted = DeliveryState(state) if state in DeliveryState.__members__ else None
     try:
         with session_scope() as session:

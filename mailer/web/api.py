@@ -123,7 +123,7 @@ def add_category(body: CategoryIn) -> CategoryOut:
 def list_subscribers(
     email: str | None = None,
     status: Status | None = None,
-    after: Annotated[int, Query(ge=0, description="Return subscribers with an id above this one.")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return subscribers with an id above this one.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[SubscriberOut]:
     with session_scope() as session:

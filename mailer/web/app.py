@@ -89,6 +89,9 @@ def create_app(*, background: bool = False) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> Response:
+        if request.url.path.startswith("/admin"):
+            # A console page with a malformed id or field: a page with the sentence, not JSON.
+            return public.message(request, "Something is not right", [_validation_sentence(error)], 422)
         return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
 
     @app.exception_handler(MailerError)

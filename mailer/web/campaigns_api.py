@@ -15,8 +15,9 @@ from mailer.db import session_scope
 from mailer.models import Campaign, DeliveryState
 from mailer.subscriptions import normalize_email
 from mailer.web.api import require_admin
+from mailer.web.ids import BIG_MAX, ROW_MAX
 
-CampaignId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The campaign's id.")]
+CampaignId = Annotated[int, Path(ge=1, le=ROW_MAX, description="The campaign's id.")]
 
 router = APIRouter(prefix="/api/campaigns", dependencies=[Depends(require_admin)], tags=["campaigns"])
 
@@ -82,7 +83,7 @@ def preview(campaign_id: CampaignId, subscriber_id: Annotated[int | None, Query(
 
 @router.get("/{campaign_id}/deliveries")
 def deliveries(campaign_id: CampaignId, q: str = "", state: DeliveryState | None = None,
-               after: Annotated[int, Query(ge=0)] = 0,
+               after: Annotated[int, Query(ge=0, le=BIG_MAX)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[console.DeliveryLine]:
     """The delivery log, searchable by address or SMTP reply; walk it with `after` = the last id."""
     with session_scope() as session:
