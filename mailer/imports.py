@@ -225,7 +225,9 @@ class _Importer:
             select(Suppression.email_hash, Suppression.reason).where(Suppression.email_hash.in_(list(hashes))))}
         new: list[Row] = []
         for row in rows:
-            if row.key in suppressed and row.status not in LEFT:
+            # Whatever the file says, a suppressed address is left alone: for an erased person even an
+            # "unsubscribed" row would store their address and name again.
+            if row.key in suppressed:
                 result.problem(row.number, row.email, f"suppressed ({suppressed[row.key]}): it gets no mail.",
                                skipped=True)
             elif row.key in existing:

@@ -13,10 +13,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from mailer.models import (
+    AdminAction,
     Category,
     ConsentEvent,
     Delivery,
     DeliveryState,
+    ImportJob,
     InboundMessage,
     Notice,
     NoticeKind,
@@ -323,8 +325,28 @@ def forget_inbound_mail(session: Session, subscriber_id: int) -> None:
     """Erasure: bounces and replies that named the person keep their verdict but lose the mail itself."""
     session.execute(
         update(InboundMessage).where(InboundMessage.subscriber_id == subscriber_id)
-        .values(raw=b"(erased)", mail_from="", rcpt_to="", subject="")
+        .values(raw=b"(erased)", mail_from="", rcpt_to="", subject="", detail="(erased)")
     )
+
+
+def forget_address_in_records(session: Session, subscriber_id: int, addresses: set[str]) -> None:
+    """Erasure: the address also goes from SMTP replies, notice errors, the admins' audit trail and the
+    reports and files of CSV imports, wherever it was quoted."""
+    erased = f"(erased subscriber {subscriber_id})"
+    for address in addresses:
+        for column, where in ((Delivery.smtp_text, Delivery.subscriber_id == subscriber_id),
+                              (Notice.error, Notice.subscriber_id == subscriber_id)):
+            session.execute(update(column.class_).where(where, column.is_not(None))
+                            .values({column.key: func.replace(column, address, erased)}))
+    keys = {address.lower() for address in addresses}
+    session.execute(update(AdminAction).where(func.lower(AdminAction.target).in_(keys)).values(target=erased))
+    for job_id, errors, content in session.execute(select(ImportJob.id, ImportJob.errors, ImportJob.content)):
+        kept = [e for e in errors if str(e.get("email", "")).strip().lower() not in keys]
+        # A waiting dry run's file names the person: it goes, and the admin uploads a fresh one.
+        named = content is not None and any(key in content.lower() for key in keys)
+        if len(kept) != len(errors) or named:
+            session.execute(update(ImportJob).where(ImportJob.id == job_id).values(
+                errors=kept, content=None if named else content))
 
 
 def drop_unsent_notices(session: Session, subscriber_id: int) -> None:

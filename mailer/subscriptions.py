@@ -307,6 +307,7 @@ def erase(session: Session, *, subscriber_id: int, reason: str, origin: Origin) 
     store.forget_suppressed_address(session, email_hash)
     store.forget_consent_details(session, subscriber.id)
     store.forget_inbound_mail(session, subscriber.id)
+    store.forget_address_in_records(session, subscriber.id, {subscriber.email, subscriber.email_key})
     store.drop_unsent_notices(session, subscriber.id)
     placeholder = f"erased-{subscriber.id}@erased.invalid"
     subscriber.email = subscriber.email_key = placeholder
@@ -330,6 +331,8 @@ def update_by_admin(session: Session, *, subscriber: Subscriber, choices: Choice
     if subscriber.erased_at is not None:
         raise InvalidInput("subscriber", "This subscriber's data was erased; there is nothing to edit.")
     update_preferences(session, subscriber=subscriber, choices=choices, origin=origin, timezone=timezone)
+
+
 def mark_complained(session: Session, *, subscriber: Subscriber, detail: str, origin: Origin) -> None:
     """A spam complaint: this reader is never mailed again, not even to confirm a new sign-up."""
     if subscriber.status is Status.complained:
