@@ -15,9 +15,13 @@ HEADER = ("email", "name", "categories", "frequency", "status", "created_at", "c
 PAGE = 2000
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(text: str) -> str:
-    # A cell starting with =, +, - or @ runs as a formula in a spreadsheet; a leading quote stops that.
-    return f"'{text}" if text[:1] in {"=", "+", "-", "@", "\t", "\r"} else text
+    # A cell starting with =, +, - or @ runs as a formula in a spreadsheet (an address may start with
+    # any of them); a leading quote stops that, and an import takes the quote off again.
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def csv_lines(*, status: Status | None = None) -> Iterator[str]:
@@ -34,8 +38,8 @@ def csv_lines(*, status: Status | None = None) -> Iterator[str]:
                 statement = statement.where(Subscriber.status == status)
             page = session.scalars(statement).all()
             for s in page:
-                writer.writerow((s.email, _cell(s.name), "|".join(c.slug for c in s.categories), s.frequency.value,
-                                 s.status.value, s.created_at.isoformat(),
+                writer.writerow((_cell(s.email), _cell(s.name), "|".join(c.slug for c in s.categories),
+                                 s.frequency.value, s.status.value, s.created_at.isoformat(),
                                  s.confirmed_at.isoformat() if s.confirmed_at else "",
                                  s.unsubscribed_at.isoformat() if s.unsubscribed_at else ""))
         yield buffer.getvalue()

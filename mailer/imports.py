@@ -172,7 +172,15 @@ def _rows(content: str, skip: int) -> Iterator[tuple[int, dict[str, str]]]:
         yield reader.line_num, {name: (cells[i] if i < len(cells) else "") for i, name in enumerate(names)}
 
 
+def _unquote(cell: str) -> str:
+    """Undo an export's guard against spreadsheet formulas ("'=…" back to "=…")."""
+    from mailer.exports import FORMULA_STARTS
+
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+
+
 def _parse(number: int, cells: dict[str, str], categories: _Categories, default: Status) -> Row:
+    cells = {name: _unquote(value) for name, value in cells.items()}
     email, key = normalize_email(cells.get("email", ""))
     name = clean_name(cells["name"]) if cells.get("name", "").strip() else None
     category_cell = cells.get("categories", "").strip()

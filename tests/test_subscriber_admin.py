@@ -159,6 +159,15 @@ def test_export_round_trips_through_import(admin: TestClient) -> None:
     rows = list(csv.DictReader(io.StringIO(exported.text)))
     assert [(r["email"], r["name"], r["categories"], r["frequency"], r["status"]) for r in rows] == [
         ("sam@example.org", "'=HYPERLINK(1)", "us-russia-relations", "weekly", "confirmed")]
+    # An address may itself start like a formula; importing the export gives back the very same values.
+    upload(admin, "email,name\n-2@example.org,Minus\n")
+    exported = admin.get("/api/subscribers/export").text
+    assert "\r\n'-2@example.org,Minus," in exported
+    again = upload(admin, exported)
+    assert again["counts"]["unchanged"] == 2
+    sam = subscriber_row("sam@example.org")
+    assert sam is not None
+    assert sam.name == "=HYPERLINK(1)"
 
 
 def test_suppression_list_add_and_remove_need_a_reason(admin: TestClient, smtp: SmtpSink) -> None:
