@@ -287,3 +287,24 @@ def test_odd_files_and_ids_get_sentences(admin: TestClient) -> None:
     for path in ("/api/subscribers/99999999999", "/api/imports/99999999999", "/api/campaigns/99999999999"):
         assert admin.get(path).status_code == 422, path
     assert admin.get("/api/campaigns/1/deliveries", params={"after": 2**70}).status_code == 422
+
+
+def test_uploads_are_refused_before_they_are_read(admin: TestClient) -> None:
+    """Without the token an upload gets 401; an oversize one 413, a missing file a sentence naming it."""
+    from mailer.web.app import create_app
+
+    client = TestClient(create_app(), base_url="https://news.example.org")
+    anonymous = client.post("/api/imports", files={"file": ("x.csv", b"email\na@b.org\n", "text/csv")})
+    assert anonymous.status_code == 401
+    console = client.post("/admin/import", files={"file": ("x.csv", b"email\na@b.org\n", "text/csv")},
+                          follow_redirects=False)
+    assert console.status_code == 303
+    assert console.headers["location"].startswith("/admin/login")
+    huge = admin.post("/api/imports", content=b"x", headers={"Content-Length": str(200 * 1024 * 1024),
+                                                            "Content-Type": "multipart/form-data; boundary=b"})
+    assert huge.status_code == 413
+    assert "larger than 100 MB" in huge.json()["detail"]
+    empty = admin.post("/api/imports", files={"other": ("x.csv", b"email\n", "text/csv")})
+    assert empty.status_code == 422
+    assert empty.json()["field"] == "file"
+    assert subscriber_row("a@b.org") is None

@@ -13,7 +13,7 @@ import mailbox
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 
@@ -23,6 +23,7 @@ from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.models import AdminAction, Frequency, ImportJob, InboundKind, InboundMessage, Status
 from mailer.subscriptions import Choices, Origin
+from mailer.web import uploads
 from mailer.web.admin_auth import back, check_csrf, page, signed_in
 from mailer.web.clients import client_ip
 from mailer.web.ids import BigId, BigMark, RowId, RowMark
@@ -142,17 +143,16 @@ def import_form(request: Request, who: Who) -> Response:
 
 
 @router.post("/import")
-async def import_upload(request: Request, who: Who, file: UploadFile, csrf_token: str = Form(""),
-                        dry_run: bool = Form(False), default_status: str = Form("confirmed"),
-                        send_confirmation: bool = Form(False)) -> Response:
-    check_csrf(who, csrf_token)
-    data = await file.read(imports.MAX_BYTES + 1)
-    status = Status.pending if default_status == "pending" else Status.confirmed
+async def import_upload(request: Request, who: Who) -> Response:
+    # The session is checked (Who) before the body is read: see mailer.web.uploads.
     try:
+        filename, data, form = await uploads.read_csv(request)
+        check_csrf(who, str(form.get("csrf_token") or ""))
+        status = Status.pending if form.get("default_status") == "pending" else Status.confirmed
         with session_scope() as session:
-            job = imports.create_job(session, content=imports.decode(data), filename=file.filename or "upload.csv",
-                                     actor=who.email, dry_run=dry_run, default_status=status,
-                                     send_confirmation=send_confirmation)
+            job = imports.create_job(session, content=imports.decode(data), filename=filename, actor=who.email,
+                                     dry_run=form.get("dry_run") == "true", default_status=status,
+                                     send_confirmation=form.get("send_confirmation") == "true")
             job_id = job.id
     except MailerError as error:
         return back("/admin/import", getattr(error, "message", None) or str(error))

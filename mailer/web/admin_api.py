@@ -7,7 +7,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,7 @@ from mailer.db import session_scope
 from mailer.errors import InvalidInput
 from mailer.models import Frequency, Status
 from mailer.subscriptions import Choices, Origin
+from mailer.web import uploads
 from mailer.web.api import SubscriberOut, require_admin
 from mailer.web.clients import client_ip
 from mailer.web.ids import ROW_MAX, RowId
@@ -114,19 +115,21 @@ def erase(subscriber_id: SubscriberId, body: Reason, request: Request) -> dict[s
     return {"id": subscriber_id, "erased": True}
 
 
-@router.post("/imports", status_code=202)
+@router.post("/imports", status_code=202, openapi_extra=uploads.OPENAPI_BODY)
 async def start_import(
-    file: UploadFile,
+    request: Request,
     dry_run: Annotated[bool, Query(description="Check every row and report; change nothing.")] = False,
     default_status: Annotated[Status, Query(description="For rows with no status: confirmed or pending.")]
     = Status.confirmed,
     send_confirmation: Annotated[bool, Query(description="Mail a confirmation link to rows that are pending.")]
     = False,
 ) -> dict[str, Any]:
-    """Upload a CSV (columns email, name, categories, frequency, status). Poll GET /api/imports/{id}."""
-    content = imports.decode(await file.read(imports.MAX_BYTES + 1))
+    """Upload a CSV (multipart field `file`; columns email, name, categories, frequency, status).
+    Poll GET /api/imports/{id}. The token is checked before the upload is read (mailer.web.uploads)."""
+    filename, data, _form = await uploads.read_csv(request)
+    content = imports.decode(data)
     with session_scope() as session:
-        job = imports.create_job(session, content=content, filename=file.filename or "upload.csv", actor=API_ACTOR,
+        job = imports.create_job(session, content=content, filename=filename, actor=API_ACTOR,
                                  dry_run=dry_run, default_status=default_status,
                                  send_confirmation=send_confirmation)
         job_id = job.id
