@@ -23,8 +23,13 @@ from sqlalchemy.orm import Session
 from mailer.errors import Conflict, InvalidInput, LoginRefused
 from mailer.models import Admin, AdminAction, AdminSession, utcnow
 
-MAX_FAILURES = 5
+# Wrong passwords in a row, from anywhere, before the whole account is locked; a lower limit per
+# account and client address applies first (web/clients.py), so one stranger cannot lock an admin out.
+MAX_FAILURES = 20
 LOCK_MINUTES = 15
+# One answer for every refusal: it must not tell whether the account exists or is locked.
+REFUSED = ("Those details did not work. After repeated failures, signing in waits for 15 minutes; "
+           "ask another admin to run `mailer admin create --reset` if you have lost your password.")
 SESSION_HOURS = 12
 PASSWORD_MIN = 10
 
@@ -75,27 +80,32 @@ def reset_password(session: Session, *, email: str, password: str) -> Admin:
 
 
 def authenticate(session: Session, *, email: str, password: str) -> Admin:
-    """The admin whose password this is, or LoginRefused with a sentence that does not say which part was wrong."""
+    """The admin whose password this is, or LoginRefused with one sentence for every kind of refusal."""
     admin = session.scalar(select(Admin).where(Admin.email == email.strip().lower()).with_for_update())
     now = utcnow()
+    # argon2 runs on every path, so the time taken says nothing about the account either.
+    matches = _verify(admin.password_hash if admin else _dummy_hash(), password)
     if admin is None:
-        _verify(_dummy_hash(), password)
-        raise LoginRefused("That email address and password do not match an admin.")
+        raise LoginRefused(REFUSED)
     if admin.locked_until is not None and admin.locked_until > now:
-        minutes = max(1, round((admin.locked_until - now).total_seconds() / 60))
-        raise LoginRefused(f"Too many wrong passwords: this account is locked for {minutes} more minutes.")
-    if not _verify(admin.password_hash, password):
+        raise LoginRefused(REFUSED)
+    if not matches:
         admin.failed_logins += 1
         if admin.failed_logins >= MAX_FAILURES:
             admin.locked_until = now + timedelta(minutes=LOCK_MINUTES)
             admin.failed_logins = 0
         # The count must outlive the error: the caller's transaction rolls back when this raises.
         session.commit()
-        raise LoginRefused("That email address and password do not match an admin.")
+        raise LoginRefused(REFUSED)
     admin.failed_logins, admin.locked_until, admin.last_login_at = 0, None, now
     if _hasher.check_needs_rehash(admin.password_hash):
         admin.password_hash = _hasher.hash(password)
     return admin
+
+
+def check_password_timing(password: str) -> None:
+    """Spend what a real check costs, for refusals decided before the database is asked."""
+    _verify(_dummy_hash(), password)
 
 
 def _verify(password_hash: str, password: str) -> bool:

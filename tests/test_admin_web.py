@@ -39,21 +39,34 @@ def console(env: Callable[..., None]) -> Iterator[TestClient]:
 
 
 def test_console_needs_sign_in_and_locks_out_after_wrong_passwords(client: TestClient) -> None:
-    """Pages redirect to sign-in; five wrong passwords lock the account, even against the right one."""
+    """Pages redirect to sign-in; wrong passwords block that account from that address only, with one
+    answer for every refusal, and many more from anywhere lock the account."""
     make_admin()
     away = client.get("/admin/subscribers", follow_redirects=False)
     assert away.status_code == 303
     assert away.headers["location"] == "/admin/login?next=/admin/subscribers"
     unknown = client.post("/admin/login", data={"email": "nobody@example.org", "password": "x" * 12})
     assert unknown.status_code == 401
-    assert "do not match" in unknown.text
-    for _ in range(admins.MAX_FAILURES):
+    refusal = "Those details did not work."
+    assert refusal in unknown.text
+    for _ in range(5):
         wrong = client.post("/admin/login", data={"email": EMAIL, "password": "wrong password"})
         assert wrong.status_code == 401
-    locked = client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
-    assert locked.status_code == 401
-    assert "locked for 15 more minutes" in locked.text
+        assert refusal in wrong.text
+    blocked = client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
+    assert blocked.status_code == 401
+    assert refusal in blocked.text, "the same words as a wrong password: nothing says the account exists"
     assert "mailer_admin" not in client.cookies
+    # The admin at another address is not locked out by a stranger's guesses.
+    with TestClient(create_app(), base_url="https://news.example.org", client=("203.0.113.7", 4000)) as elsewhere:
+        assert elsewhere.post("/admin/login", data={"email": EMAIL, "password": PASSWORD}).status_code == 200
+        assert "mailer_admin" in elsewhere.cookies
+    # Many failures from many addresses lock the account itself, for everyone.
+    for n in range(admins.MAX_FAILURES):
+        with TestClient(create_app(), base_url="https://news.example.org", client=(f"198.51.100.{n}", 4000)) as guesser:
+            guesser.post("/admin/login", data={"email": EMAIL, "password": "wrong password"})
+    with TestClient(create_app(), base_url="https://news.example.org", client=("203.0.113.8", 4000)) as owner:
+        assert owner.post("/admin/login", data={"email": EMAIL, "password": PASSWORD}).status_code == 401
 
 
 def test_sign_in_sets_a_guarded_cookie_and_an_open_redirect_is_refused(client: TestClient) -> None:

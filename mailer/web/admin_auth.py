@@ -17,7 +17,7 @@ from mailer import TEMPLATES_DIR, admins
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import LoginRefused
-from mailer.web.clients import allow_login, client_ip
+from mailer.web.clients import allow_login, client_ip, login_blocked, record_login_failure
 
 COOKIE = "mailer_admin"
 templates = Jinja2Templates(directory=TEMPLATES_DIR / "web")
@@ -79,14 +79,19 @@ def login_form(request: Request, next: str = "/admin") -> Response:
 def login(request: Request, email: str = Form(""), password: str = Form(""),
           next: str = Form("/admin")) -> Response:
     target = _safe_next(next)
-    if not allow_login(client_ip(request)):
+    ip = client_ip(request)
+    if not allow_login(ip):
         return page(request, "admin/login.html", {"next": target, "error": "Too many sign-in attempts from "
                     "your address; wait a minute and try again."}, who=None, status_code=429)
     try:
+        if login_blocked(email, ip):
+            admins.check_password_timing(password)
+            raise LoginRefused(admins.REFUSED)
         with session_scope() as session:
             admin = admins.authenticate(session, email=email, password=password)
             token = admins.open_session(session, admin)
     except LoginRefused as refused:
+        record_login_failure(email, ip)
         return page(request, "admin/login.html", {"next": target, "error": str(refused), "email": email[:320]},
                     who=None, status_code=401)
     response = RedirectResponse(target, status_code=303)

@@ -84,6 +84,29 @@ def allow_login(ip: str) -> bool:
         return False
 
 
+# Wrong passwords for one account from one client address before that pair must wait.
+LOGIN_FAILURES = "5/15minutes"
+
+
+def login_blocked(email: str, ip: str) -> bool:
+    """True after too many wrong passwords for this account from this address. Counting per pair means
+    a stranger cannot lock an admin out from elsewhere; the account-wide lock (admins.py) is higher."""
+    try:
+        return not _limiter(limiter_storage_url()).test(parse(LOGIN_FAILURES), "login-failure",
+                                                        email.strip().lower()[:320], rate_key(ip))
+    except Exception:
+        log.exception("the admin sign-in failure counter is unavailable")
+        return True
+
+
+def record_login_failure(email: str, ip: str) -> None:
+    try:
+        _limiter(limiter_storage_url()).hit(parse(LOGIN_FAILURES), "login-failure", email.strip().lower()[:320],
+                                            rate_key(ip))
+    except Exception:
+        log.exception("the admin sign-in failure counter is unavailable")
+
+
 def allow_signup(ip: str) -> bool:
     """Count one sign-up attempt from an address; False once it is over the configured rate.
     If the limiter's store is down, sign-ups go on (logged): double opt-in still protects them."""
