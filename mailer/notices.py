@@ -92,8 +92,8 @@ def _send_claimed(notice_id: int) -> str:
         notice = session.get(Notice, notice_id)
         assert notice is not None
         subscriber = store.subscriber(session, notice.subscriber_id)
-        # An address an admin blocked gets no mail at all, not even a confirmation link.
-        blocked = subscriber is not None and store.blocked_by_admin(session, subscriber.email_hash)
+        # An address an admin blocked, or whose owner complained, gets no mail at all, not even a link.
+        blocked = subscriber is not None and store.blocked_for_good(session, subscriber.email_hash)
         if blocked or not _still_wanted(notice, subscriber):
             store.finish_notice(session, notice_id, NoticeState.skipped)
             return NoticeState.skipped.value

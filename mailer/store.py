@@ -356,22 +356,24 @@ def drop_unsent_notices(session: Session, subscriber_id: int) -> None:
     )
 
 
-# An admin's own block (a spam trap, a legal request) holds even against the person's fresh consent.
+# An admin's own block (a spam trap, a legal request) holds even against the person's fresh consent,
+# and so does a spam complaint: such an address is never mailed again, not even a confirmation link.
 ADMIN_BLOCK = "admin"
+FOR_GOOD = (ADMIN_BLOCK, "complaint")
 
 
-def blocked_by_admin(session: Session, email_hash: str | None) -> bool:
+def blocked_for_good(session: Session, email_hash: str | None) -> bool:
     if email_hash is None:
         return False
     return session.scalar(select(Suppression.id).where(Suppression.email_hash == email_hash,
-                                                       Suppression.reason == ADMIN_BLOCK)) is not None
+                                                       Suppression.reason.in_(FOR_GOOD))) is not None
 
 
 def lift_suppression(session: Session, email_hash: str | None) -> list[str]:
     """The person confirmed a fresh sign-up through a mailed link: the address works and they want mail
-    again, so an entry from a bounce, a complaint or an earlier erasure goes. Returns the reasons lifted."""
+    again, so an entry from a bounce or an earlier erasure goes. Returns the reasons lifted."""
     if email_hash is None:
         return []
     reasons = list(session.scalars(delete(Suppression).where(
-        Suppression.email_hash == email_hash, Suppression.reason != ADMIN_BLOCK).returning(Suppression.reason)))
+        Suppression.email_hash == email_hash, Suppression.reason.not_in(FOR_GOOD)).returning(Suppression.reason)))
     return reasons

@@ -246,6 +246,16 @@ def test_an_erased_person_can_come_back_on_their_own_but_an_admin_block_holds(ad
     queue.drain()
     time.sleep(0.3)
     assert smtp.messages == [], "no confirmation mail to an address an admin blocked"
+    # Nor to one whose owner once complained, even when their subscriber row is long gone.
+    from mailer import store
+
+    with session_scope() as session:
+        store.add_suppression(session, email_hash=hash_email("angry@example.org"), email=None,
+                              reason="complaint", detail="ARF from a mailbox provider")
+    sign_up(admin, "angry@example.org")
+    queue.drain()
+    time.sleep(0.3)
+    assert smtp.messages == [], "no confirmation mail to an address that complained"
 
 
 def test_two_runs_of_one_import_import_each_row_once(admin: TestClient) -> None:
