@@ -229,3 +229,15 @@ def test_campaign_counts_bounces_complaints_and_unsubscribes_that_came_back(cons
     page = console.get(f"/admin/campaigns/{bounced.campaign_id}")
     assert "Bounced later: 1 · complaints: 1 · unsubscribed after it: 1" in page.text
     assert stayer.email not in page.text
+
+
+def test_console_pages_are_not_cached_framed_or_spoofed(console: TestClient) -> None:
+    """Console pages say no-store and same-origin framing; a note in a link shows only if we signed it."""
+    page = console.get("/admin", params={"note": "Your session expired: sign in again at evil.example"})
+    assert "evil.example" not in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "SAMEORIGIN"
+    token = csrf_of(console.get("/admin/suppressions").text)
+    added = console.post("/admin/suppressions", data={"email": "noted@example.org", "reason": "test",
+                                                      "csrf_token": token})
+    assert "noted@example.org is suppressed." in added.text

@@ -287,7 +287,8 @@ def outbox_html(who: Who, key: str) -> Response:
 def sandboxed(html: str) -> Response:
     """A mail's HTML for an iframe: no scripts, no forms, nothing fetched but images and inline styles."""
     return Response(html, media_type="text/html; charset=utf-8", headers={
-        "Content-Security-Policy": "sandbox; default-src 'none'; img-src * data:; style-src 'unsafe-inline'",
+        "Content-Security-Policy": "sandbox; default-src 'none'; img-src * data:; style-src 'unsafe-inline'; "
+                                   "frame-ancestors 'self'",
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
 

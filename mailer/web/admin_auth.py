@@ -7,11 +7,13 @@ refused before anything changes.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from mailer import TEMPLATES_DIR, admins
 from mailer.config import get_settings
@@ -48,20 +50,46 @@ def check_csrf(who: admins.SignedIn, given: str | None) -> None:
         raise BadCsrf
 
 
+def _notes() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(get_settings().signing_key(), salt="mailer.admin-note")
+
+
+def _note(request: Request) -> str:
+    """The note a redirect carried, if we signed it: a link cannot put its own words in the console."""
+    try:
+        return str(_notes().loads(request.query_params.get("note", ""), max_age=300))
+    except BadSignature:
+        return ""
+
+
 def page(request: Request, name: str, context: dict[str, Any], *, who: admins.SignedIn | None,
          status_code: int = 200) -> Response:
     settings = get_settings()
     return templates.TemplateResponse(request, name, {
         "site_name": settings.site_name, "base_url": settings.base_url, "who": who,
-        "csrf": who.csrf if who else "", "nav": request.url.path, **context}, status_code=status_code)
+        "csrf": who.csrf if who else "", "nav": request.url.path, "note": _note(request), **context},
+        status_code=status_code)
 
 
 def back(path: str, note: str = "") -> RedirectResponse:
     """After a change: 303 to a page (Post/Redirect/Get), with a one-line note shown there."""
     from urllib.parse import quote
 
-    return RedirectResponse(f"{path}{'&' if '?' in path else '?'}note={quote(note)}" if note else path,
+    if not note:
+        return RedirectResponse(path, status_code=303)
+    return RedirectResponse(f"{path}{'&' if '?' in path else '?'}note={quote(_notes().dumps(note))}",
                             status_code=303)
+
+
+async def console_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Console pages show personal data: never cached, never framed by another site."""
+    response = await call_next(request)
+    if request.url.path.startswith("/admin"):
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Frame-Options", "SAMEORIGIN")
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'self'")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response
 
 
 def _safe_next(target: str) -> str:

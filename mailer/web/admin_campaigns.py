@@ -3,6 +3,7 @@ resume, cancel, and read the delivery log. Digest runs are listed here too."""
 
 from __future__ import annotations
 
+import html
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -109,7 +110,7 @@ def preview_html(who: Who, campaign_id: RowId, reader: str = "") -> Response:
         try:
             found = console.preview(session, campaign_id, email_address=reader or None)
         except InvalidInput as error:
-            return sandboxed(f"<p>{error.message}</p>".replace("<p><", "<p>&lt;"))
+            return sandboxed(f"<p>{html.escape(error.message)}</p>")
     return sandboxed(found.html)
 
 

@@ -57,6 +57,7 @@ def create_app(*, background: bool = False) -> FastAPI:
 
     app = FastAPI(title="mailer", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.middleware("http")(cors.signup_cors)
+    app.middleware("http")(admin_auth.console_headers)
     app.include_router(public.router)
     app.include_router(api.router)
     app.include_router(campaigns_api.router)
