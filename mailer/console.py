@@ -129,10 +129,11 @@ def find_subscribers(session: Session, *, query: str = "", status: Status | None
     """Search by part of the address or the name; walked by id."""
     statement = (select(Subscriber).where(Subscriber.id > after_id, Subscriber.erased_at.is_(None))
                  .order_by(Subscriber.id).limit(limit))
-    query = query.strip()
-    if query:
-        pattern = f"%{query.lower()}%"
-        statement = statement.where(or_(Subscriber.email_key.like(pattern), func.lower(Subscriber.name).like(pattern)))
+    wanted = query.strip().lower()
+    if wanted:
+        # Searched as typed: % and _ are letters here, not wildcards.
+        statement = statement.where(or_(Subscriber.email_key.contains(wanted, autoescape=True),
+                                        func.lower(Subscriber.name).contains(wanted, autoescape=True)))
     if status is not None:
         statement = statement.where(Subscriber.status == status)
     return list(session.scalars(statement))
@@ -175,9 +176,8 @@ def delivery_log(session: Session, campaign_id: int, *, query: str = "", state: 
         statement = statement.where(Delivery.state == state)
     query = query.strip().lower()
     if query:
-        pattern = f"%{query}%"
-        statement = statement.where(or_(Subscriber.email_key.like(pattern),
-                                        func.lower(Delivery.smtp_text).like(pattern)))
+        statement = statement.where(or_(Subscriber.email_key.contains(query, autoescape=True),
+                                        func.lower(Delivery.smtp_text).contains(query, autoescape=True)))
     return _delivery_lines(session, statement)
 
 

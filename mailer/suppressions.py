@@ -10,7 +10,7 @@ import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailer import admins, store
@@ -44,7 +44,9 @@ def entries(session: Session, *, query: str = "", before_id: int | None = None, 
         statement = statement.where(Suppression.id < before_id)
     query = query.strip()
     if query:
-        clauses = [Suppression.email.ilike(f"%{query}%"), Suppression.detail.ilike(f"%{query}%"),
+        # Searched as typed: % and _ are letters here, not wildcards.
+        clauses = [func.lower(Suppression.email).contains(query.lower(), autoescape=True),
+                   func.lower(Suppression.detail).contains(query.lower(), autoescape=True),
                    Suppression.reason == query.lower()]
         with contextlib.suppress(InvalidInput):
             clauses.append(Suppression.email_hash == hash_email(normalize_email(query)[1]))

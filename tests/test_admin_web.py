@@ -241,3 +241,13 @@ def test_console_pages_are_not_cached_framed_or_spoofed(console: TestClient) -> 
     added = console.post("/admin/suppressions", data={"email": "noted@example.org", "reason": "test",
                                                       "csrf_token": token})
     assert "noted@example.org is suppressed." in added.text
+
+
+def test_search_takes_percent_and_underscore_as_letters(console: TestClient) -> None:
+    """A search for "a_b" finds a_b, not axb: LIKE wildcards in a query are escaped."""
+    make_readers(1, prefix="a_b")
+    make_readers(1, prefix="axb")
+    found = console.get("/admin/subscribers", params={"q": "a_b"}).text
+    assert "a_b0@example.org" in found
+    assert "axb0@example.org" not in found
+    assert "Nobody matches" in console.get("/admin/subscribers", params={"q": "%"}).text
