@@ -79,6 +79,19 @@ def reset_password(session: Session, *, email: str, password: str) -> Admin:
     return admin
 
 
+def all_admins(session: Session) -> list[Admin]:
+    return list(session.scalars(select(Admin).order_by(Admin.email)))
+
+
+def remove(session: Session, *, email: str) -> None:
+    admin = session.scalar(select(Admin).where(Admin.email == _email(email)))
+    if admin is None:
+        raise InvalidInput("email", f"There is no admin {email.strip()}.")
+    # Sessions go with the account (ON DELETE CASCADE), and explicitly, for SQLite without foreign keys.
+    session.execute(delete(AdminSession).where(AdminSession.admin_id == admin.id))
+    session.delete(admin)
+
+
 def authenticate(session: Session, *, email: str, password: str) -> Admin:
     """The admin whose password this is, or LoginRefused with one sentence for every kind of refusal."""
     admin = session.scalar(select(Admin).where(Admin.email == email.strip().lower()).with_for_update())

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from mailer.cli_admin import admin_app, subscribers_app
+from mailer.cli_admin import admin_app, subscribers_app, suppressions_app
 from mailer.cli_campaigns import app as campaign_app
 from mailer.cli_digests import articles_app, digest_app, preview
 from mailer.cli_inbound import app as inbound_app
@@ -25,6 +25,7 @@ app.add_typer(inbound_app, name="inbound")
 app.command("preview")(preview)
 app.add_typer(admin_app, name="admin")
 app.add_typer(subscribers_app, name="subscribers")
+app.add_typer(suppressions_app, name="suppressions")
 
 
 def settings() -> Settings:

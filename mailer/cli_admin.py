@@ -9,14 +9,15 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mailer import admins, exports, imports, store, subscriptions
+from mailer import admins, exports, imports, store, subscriptions, suppressions
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError
-from mailer.models import Status
+from mailer.models import Status, utcnow
 from mailer.subscriptions import Origin
 
 admin_app = typer.Typer(no_args_is_help=True, help="Admin console accounts.")
-subscribers_app = typer.Typer(no_args_is_help=True, help="Import, export and erase subscribers.")
+subscribers_app = typer.Typer(no_args_is_help=True, help="Import, export, unsubscribe and erase subscribers.")
+suppressions_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
 
 
 def _fail(error: MailerError) -> typer.Exit:
@@ -28,7 +29,9 @@ def _fail(error: MailerError) -> typer.Exit:
 @admin_app.command("create")
 def create(
     email: str,
-    password: Annotated[str | None, typer.Option(help="The password; asked for when left out.")] = None,
+    password: Annotated[str | None, typer.Option(
+        envvar="MAILER_ADMIN_PASSWORD",
+        help="The password; asked for when left out (better: it stays out of the shell history).")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="Give an existing admin a new password.")] = False,
 ) -> None:
     """Create an admin who can sign in at /admin (argon2-hashed password)."""
@@ -43,6 +46,82 @@ def create(
     except MailerError as error:
         raise _fail(error) from None
     typer.echo(f"{'New password set for' if reset else 'Admin created:'} {email.strip().lower()}. Sign in at /admin.")
+
+
+@admin_app.command("list")
+def list_admins() -> None:
+    """The console's admins, with their last sign-in."""
+    with session_scope() as session:
+        for admin in admins.all_admins(session):
+            last = admin.last_login_at.strftime("%Y-%m-%d %H:%M UTC") if admin.last_login_at else "never"
+            locked = " (locked)" if admin.locked_until and admin.locked_until > utcnow() else ""
+            typer.echo(f"{admin.email}\tlast sign-in {last}{locked}")
+
+
+@admin_app.command("remove")
+def remove_admin(email: str) -> None:
+    """Remove an admin; their browser sessions end at once."""
+    try:
+        with session_scope() as session:
+            admins.remove(session, email=email)
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"Removed {email.strip().lower()}; their sessions are closed.")
+
+
+def _subscriber_id(email: str) -> int:
+    _address, key = subscriptions.normalize_email(email)
+    with session_scope() as session:
+        found = store.subscriber_by_email(session, key)
+        if found is None:
+            raise InvalidInput("email", f"No subscriber has the address {email.strip()}.")
+        return found.id
+
+
+@subscribers_app.command("unsubscribe")
+def unsubscribe(email: str, reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")]) -> None:
+    """Unsubscribe a reader on their behalf (asked by phone, by letter…)."""
+    try:
+        if not reason.strip():
+            raise InvalidInput("--reason", "Say why, in a few words.")
+        subscriber_id = _subscriber_id(email)
+        with session_scope() as session:
+            subscriptions.unsubscribe(session, subscriber_id=subscriber_id, origin=Origin(channel="cli"))
+            admins.record(session, actor="cli", action="unsubscribe", target=email.strip(), reason=reason)
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"Unsubscribed {email.strip()}.")
+
+
+@suppressions_app.command("list")
+def suppression_list(query: Annotated[str, typer.Option(help="Part of the address or reason.")] = "") -> None:
+    """The suppression list, newest first."""
+    with session_scope() as session:
+        for entry in suppressions.entries(session, query=query, limit=1000):
+            typer.echo(f"{entry.id}\t{entry.email or '(erased)'}\t{entry.reason}\t{entry.detail}")
+
+
+@suppressions_app.command("add")
+def suppression_add(email: str, reason: Annotated[str, typer.Option(help="Why; kept with the entry.")]) -> None:
+    """Suppress an address: it gets no mail of any kind."""
+    try:
+        with session_scope() as session:
+            suppressions.add(session, email=email, reason=reason, actor="cli")
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"{email.strip()} is suppressed.")
+
+
+@suppressions_app.command("remove")
+def suppression_remove(entry_id: int, reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")]
+                       ) -> None:
+    """Remove an entry (its id from `mailer suppressions list`)."""
+    try:
+        with session_scope() as session:
+            suppressions.remove(session, entry_id=entry_id, reason=reason, actor="cli")
+    except MailerError as error:
+        raise _fail(error) from None
+    typer.echo(f"Removed entry {entry_id}.")
 
 
 @subscribers_app.command("import")

@@ -149,6 +149,24 @@ def test_admin_and_subscriber_commands(tmp_path: Path) -> None:
     erased = run(["subscribers", "erase", "ANN@example.org", "--reason", "asked by mail"], tmp_path, **db)
     assert erased.returncode == 0, erased.stderr
     assert "ann@" not in run(["subscribers", "export"], tmp_path, **db).stdout
+    listed = run(["admin", "list"], tmp_path, **db)
+    assert listed.stdout.startswith("editor@news.example.org\tlast sign-in never")
+    assert run(["admin", "remove", "editor@news.example.org"], tmp_path, **db).returncode == 0
+    assert run(["admin", "list"], tmp_path, **db).stdout == ""
+    gone = run(["admin", "remove", "editor@news.example.org"], tmp_path, **db)
+    assert (gone.returncode, gone.stderr.strip()) == (1, "Error: email: There is no admin editor@news.example.org.")
+    added = run(["suppressions", "add", "trap@example.org", "--reason", "spam trap"], tmp_path, **db)
+    assert added.stdout.strip() == "trap@example.org is suppressed."
+    entries = run(["suppressions", "list"], tmp_path, **db).stdout.splitlines()
+    assert [line.split("\t")[1:] for line in entries] == [
+        ["trap@example.org", "admin", "spam trap"], ["(erased)", "erased", "asked by mail"]]
+    assert run(["suppressions", "remove", entries[0].split("\t")[0], "--reason", "typo"], tmp_path,
+               **db).returncode == 0
+    people.write_text("email\nbo@example.org\n", encoding="utf-8")
+    run(["subscribers", "import", str(people)], tmp_path, **db)
+    left = run(["subscribers", "unsubscribe", "bo@example.org", "--reason", "asked by phone"], tmp_path, **db)
+    assert left.stdout.strip() == "Unsubscribed bo@example.org."
+    assert ",unsubscribed," in run(["subscribers", "export", "--status", "unsubscribed"], tmp_path, **db).stdout
 
 
 @pytest.mark.slow
