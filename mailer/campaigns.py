@@ -74,6 +74,36 @@ def message_templates(campaign: Campaign) -> compose.Variants:
 def create(session: Session, *, subject: str, html: str = "", text: str = "", categories: list[str] | None = None,
            kind: CampaignKind = CampaignKind.broadcast, markdown: str | None = None) -> Campaign:
     """A draft. The body is HTML, or Markdown (`markdown`) made into HTML; both are Jinja templates."""
+    campaign = _checked(session, subject=subject, html=html, text=text, categories=categories, kind=kind,
+                        markdown=markdown)
+    session.add(campaign)
+    session.flush()
+    return campaign
+
+
+def edit(session: Session, campaign_id: int, *, subject: str, html: str = "", text: str = "",
+         categories: list[str] | None = None, markdown: str | None = None) -> Campaign:
+    """Change a draft or a scheduled campaign. Once sending has begun it cannot change: readers would
+    get two different versions of one campaign."""
+    campaign = _get(session, campaign_id)
+    new = _checked(session, subject=subject, html=html, text=text, categories=categories, kind=campaign.kind,
+                   markdown=markdown)
+    changed = session.execute(
+        update(Campaign).where(Campaign.id == campaign_id,
+                               Campaign.status.in_([CampaignStatus.draft, CampaignStatus.scheduled]))
+        .values(subject=new.subject, html=new.html, text=new.text, categories=new.categories,
+                markdown=new.markdown)
+    ).rowcount  # type: ignore[attr-defined]
+    if not changed:
+        raise Conflict(f"Campaign {campaign_id} is {campaign.status.value}; only a draft or a scheduled "
+                       "campaign can be edited.")
+    session.refresh(campaign)
+    return campaign
+
+
+def _checked(session: Session, *, subject: str, html: str, text: str, categories: list[str] | None,
+             kind: CampaignKind, markdown: str | None) -> Campaign:
+    """A new, unsaved campaign from an admin's input, every field checked and the templates tried."""
     if markdown is not None and markdown.strip():
         if html.strip():
             raise InvalidInput("html", "Give the body as HTML or as Markdown, not both.")
@@ -108,8 +138,6 @@ def create(session: Session, *, subject: str, html: str = "", text: str = "", ca
     for name in ("x", ""):
         variants.for_reader(compose.Reader(email="x@example.org", name=name, unsubscribe_url="u",
                                            preferences_url="p"))
-    session.add(campaign)
-    session.flush()
     return campaign
 
 

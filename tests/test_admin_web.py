@@ -251,3 +251,29 @@ def test_search_takes_percent_and_underscore_as_letters(console: TestClient) -> 
     assert "a_b0@example.org" in found
     assert "axb0@example.org" not in found
     assert "Nobody matches" in console.get("/admin/subscribers", params={"q": "%"}).text
+
+
+def test_a_draft_can_be_edited_until_it_is_sent(console: TestClient) -> None:
+    """An admin fixes a typo in a draft from its page; once sending, an edit is refused with a sentence."""
+    make_readers(1)
+    token = csrf_of(console.get("/admin/campaigns/new").text)
+    created = console.post("/admin/campaigns/new", data={
+        "csrf_token": token, "subject": "Petiton", "format": "markdown", "body": "Sign *now*."})
+    path = created.url.path
+    form = console.get(f"{path}/edit")
+    assert 'value="Petiton"' in form.text
+    assert "Sign *now*." in form.text
+    saved = console.post(f"{path}/edit", data={"csrf_token": token, "subject": "Petition", "format": "markdown",
+                                               "body": "Sign **today**."})
+    assert "Saved." in saved.text
+    assert "Petition" in saved.text
+    assert "<strong>today</strong>" in console.get(f"{path}/preview").text
+    console.post(f"{path}/action", data={"csrf_token": token, "do": "send"})
+    queue.drain()
+    late = console.post(f"{path}/edit", data={"csrf_token": token, "subject": "Changed", "format": "markdown",
+                                              "body": "x"})
+    assert late.status_code == 422
+    assert "only a draft or a scheduled campaign can be edited" in late.text
+    api = console.patch(f"/api/campaigns/{path.rsplit('/', 1)[1]}", json={"subject": "x", "html": "<p>x</p>"},
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert api.status_code == 409

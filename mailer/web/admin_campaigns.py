@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, Response
@@ -48,36 +48,71 @@ def campaign_list(request: Request, who: Who, before: RowMark = 0) -> Response:
         "lines": lines, "next_before": lines[-1].id if len(lines) == PAGE else None}, who=who)
 
 
-@router.get("/new")
-def new_form(request: Request, who: Who) -> Response:
+def _form_page(request: Request, who: admins.SignedIn, form: dict[str, Any], *, action: str, heading: str,
+               error: str = "", status_code: int = 200) -> Response:
     with session_scope() as session:
         categories = [(c.slug, c.name) for c in store.categories(session)]
     return page(request, "admin/campaign_new.html", {
-        "categories": categories, "form": {"format": "markdown"}, "error": ""}, who=who)
+        "categories": categories, "form": form, "error": error, "action": action, "heading": heading},
+        who=who, status_code=status_code)
+
+
+@router.get("/new")
+def new_form(request: Request, who: Who) -> Response:
+    return _form_page(request, who, {"format": "markdown"}, action="/admin/campaigns/new",
+                      heading="Write a campaign")
+
+
+@router.get("/{campaign_id}/edit")
+def edit_form(request: Request, who: Who, campaign_id: RowId) -> Response:
+    try:
+        with session_scope() as session:
+            c = campaigns.get(session, campaign_id)
+            form = {"subject": c.subject, "format": "markdown" if c.markdown else "html",
+                    "body": c.markdown or c.html, "text": c.text, "categories": list(c.categories)}
+    except NotFound as missing:
+        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
+                    who=who, status_code=404)
+    return _form_page(request, who, form, action=f"/admin/campaigns/{campaign_id}/edit",
+                      heading="Edit the campaign")
 
 
 @router.post("/new")
 async def create(request: Request, who: Who) -> Response:
+    return await _save(request, who, None)
+
+
+@router.post("/{campaign_id}/edit")
+async def save_edit(request: Request, who: Who, campaign_id: RowId) -> Response:
+    return await _save(request, who, campaign_id)
+
+
+async def _save(request: Request, who: admins.SignedIn, campaign_id: int | None) -> Response:
     form = await request.form()
     check_csrf(who, str(form.get("csrf_token") or ""))
     fields = {k: str(form.get(k) or "") for k in ("subject", "body", "text", "format")}
     chosen = [str(v) for v in form.getlist("categories")]
+    markdown = fields["body"] if fields["format"] == "markdown" else None
+    values: dict[str, Any] = {"subject": fields["subject"], "html": "" if markdown else fields["body"],
+                              "text": fields["text"], "categories": chosen, "markdown": markdown}
     try:
         with session_scope() as session:
-            markdown = fields["body"] if fields["format"] == "markdown" else None
-            campaign = campaigns.create(session, subject=fields["subject"], html="" if markdown else fields["body"],
-                                        text=fields["text"], categories=chosen, markdown=markdown)
-            campaign_id = campaign.id
+            if campaign_id is None:
+                campaign_id = campaigns.create(session, **values).id
+                note = "Draft saved. Preview it, send a test, then send or schedule."
+            else:
+                campaigns.edit(session, campaign_id, **values)
+                admins.record(session, actor=who.email, action="campaign-edit", target=f"campaign {campaign_id}")
+                note = "Saved."
     except MailerError as error:
-        with session_scope() as session:
-            categories = [(c.slug, c.name) for c in store.categories(session)]
         message = error.message if isinstance(error, InvalidInput) else str(error)
         if isinstance(error, InvalidInput) and error.field == "html":
             message = f"Body: {message}"
-        return page(request, "admin/campaign_new.html", {
-            "categories": categories, "form": {**fields, "categories": chosen}, "error": message},
-            who=who, status_code=422)
-    return back(f"/admin/campaigns/{campaign_id}", "Draft saved. Preview it, send a test, then send or schedule.")
+        action = "/admin/campaigns/new" if campaign_id is None else f"/admin/campaigns/{campaign_id}/edit"
+        return _form_page(request, who, {**fields, "categories": chosen}, action=action,
+                          heading="Write a campaign" if campaign_id is None else "Edit the campaign",
+                          error=message, status_code=422)
+    return back(f"/admin/campaigns/{campaign_id}", note)
 
 
 @router.get("/{campaign_id}")

@@ -61,6 +61,15 @@ def create(body: CampaignIn) -> Progress:
     return _out(campaign_id)
 
 
+@router.patch("/{campaign_id}")
+def edit(campaign_id: CampaignId, body: CampaignIn) -> Progress:
+    """Change a draft or a scheduled campaign (409 once it is sending)."""
+    with session_scope() as session:
+        campaigns.edit(session, campaign_id, subject=body.subject, html=body.html, text=body.text,
+                       categories=body.categories, markdown=body.markdown)
+    return _out(campaign_id)
+
+
 @router.get("")
 def list_campaigns(limit: int = 50) -> list[Progress]:
     with session_scope() as session:
