@@ -144,11 +144,11 @@ class Batch:
             if self.sender_refused is not None or self.held:
                 return  # The other jobs stay claimed and untried; the loop hands them back.
             mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
+            verdict: list[str] = []
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
                 envelope = Envelope(self.sender, job.reader.email, data)
-                verdict: list[str] = []
 
                 async def handover(delivery_id: int = job.claim.delivery_id, verdict: list[str] = verdict) -> bool:
                     verdict.append(await self.recorder.handover(delivery_id))
@@ -167,6 +167,10 @@ class Batch:
             if result.sender_refused:
                 # Not this reader's failure: the claim goes back untried and the campaign pauses.
                 self.sender_refused = result
+                if verdict == ["go"]:
+                    # The hand-over ran beside a pipelined MAIL FROM, but no message followed: pending again.
+                    self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.pending, code=result.code,
+                                                 text=result.text))
                 return
             self.window.add(result)
             decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,

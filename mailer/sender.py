@@ -10,10 +10,16 @@ Every message gets a `Result` whose `outcome` is explicit:
 
 A connection that saw a 421, a timeout or a drop is closed and never reused ("503 sender already
 specified" is what reusing a broken session looks like).
+
+When the server offers PIPELINING (RFC 2920), MAIL FROM, RCPT TO and DATA go out in one write while
+the caller's hand-over check runs beside them; the message itself is written only once the server
+answered 354 and the check said yes, so "handed over" still means "committed before any byte of the
+message". Without PIPELINING each command waits for its reply, and the check runs after RCPT TO.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import mailbox
@@ -25,6 +31,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from mailer.config import Settings
 
@@ -72,6 +79,8 @@ class Result:
 
 
 BeforeData = Callable[[], Awaitable[bool]]
+
+_SKIPPED = Result(Outcome.skipped, 0, "not sent: no longer eligible")
 
 
 class Transport(Protocol):
@@ -139,6 +148,44 @@ class Server:
         return f"{self.hostname}:{self.port}"
 
 
+class _PipeliningProtocol(SMTPProtocol):
+    """aiosmtplib's protocol holds one reply at a time and drops bytes that arrive while no reply is
+    awaited; with several commands in flight every reply must be kept until it is read, in order.
+    Swapped in (same state, other methods) on connections whose server offers PIPELINING."""
+
+    def data_received(self, data: bytes) -> None:
+        if self._response_waiter is None:
+            return
+        self._buffer.extend(data)
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            del self._buffer[:]
+            if not self._response_waiter.done():
+                self._set_response_exception(self._response_waiter, aiosmtplib.SMTPResponseException(
+                    aiosmtplib.SMTPStatus.invalid_response.value, "Response too long"))
+            return
+        self._deliver()
+
+    def _deliver(self) -> None:
+        waiter = self._response_waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            response = self._read_response_from_buffer()
+        except Exception as error:
+            self._set_response_exception(waiter, error)
+        else:
+            if response is not None:
+                waiter.set_result(response)
+
+    async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
+        self._deliver()  # A reply may already wait in the buffer, behind the one read last.
+        return await super().read_response(timeout)
+
+
+def _pipelining(client: aiosmtplib.SMTP) -> bool:
+    return isinstance(client.protocol, _PipeliningProtocol)
+
+
 # Per process: when each server may be tried again after it refused a connection.
 _down_until: dict[Server, float] = {}
 
@@ -178,6 +225,8 @@ class SmtpTransport:
                 last_error = error
                 continue
             _down_until.pop(server, None)
+            if client.supports_extension("pipelining") and type(client.protocol) is SMTPProtocol:
+                client.protocol.__class__ = _PipeliningProtocol
             self._client, self.server = client, server
             return client
         raise ConnectionError(f"no SMTP server answered: {last_error}")
@@ -203,18 +252,23 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError):
             self._drop()
 
-    async def _envelope(self, envelope: Envelope) -> Result | None:
-        """MAIL FROM and RCPT TO; a Result when the server refused, None when it accepted both."""
-        client = await self._connect()
+    @staticmethod
+    def _commands(client: aiosmtplib.SMTP, envelope: Envelope) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """The MAIL FROM and RCPT TO commands (verb and arguments) for this envelope's own sender."""
         utf8 = not (envelope.sender + envelope.recipient).isascii()
         mail_options = [b"SMTPUTF8"] if utf8 else []
         if client.supports_extension("8bitmime"):
             mail_options.append(b"BODY=8BITMIME")
+        return ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", *mail_options),
+                (b"RCPT", b"TO:<" + envelope.recipient.encode() + b">"))
+
+    async def _envelope(self, envelope: Envelope) -> Result | None:
+        """MAIL FROM and RCPT TO; a Result when the server refused, None when it accepted both."""
+        client = await self._connect()
         # execute_command skips aiosmtplib's address re-parsing, which costs more than the round trip;
         # the addresses were validated when they were stored.
-        for verb, argument, extra in ((b"MAIL", b"FROM:<" + envelope.sender.encode() + b">", mail_options),
-                                      (b"RCPT", b"TO:<" + envelope.recipient.encode() + b">", [])):
-            response = await client.execute_command(verb, argument, *extra)
+        for verb, *arguments in self._commands(client, envelope):
+            response = await client.execute_command(verb, *arguments)
             if response.code in (250, 251):
                 continue
             if response.code == 421:
@@ -228,6 +282,12 @@ class SmtpTransport:
         return None
 
     async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result:
+        try:
+            client = await self._connect()
+        except OSError:
+            client = None  # The attempts below report the connection problem for the message itself.
+        if client is not None and _pipelining(client):
+            return await self._send_pipelined(envelope, before_data)
         # A session that broke before DATA is retried once on a fresh connection: nothing was handed over.
         for attempt in range(2):
             try:
@@ -265,6 +325,98 @@ class SmtpTransport:
             return Result(Outcome.unknown, 0, f"{type(error).__name__} after DATA: {error}")
         return Result(Outcome.sent, response.code, response.message)
 
+    async def _send_pipelined(self, envelope: Envelope, before_data: BeforeData | None) -> Result:
+        """MAIL FROM, RCPT TO and DATA in one write (RFC 2920), the hand-over check running meanwhile;
+        the message follows once both said yes. Every reply of the group is read and checked."""
+        check = asyncio.ensure_future(before_data()) if before_data is not None else None
+        try:
+            return await self._pipelined(envelope, check)
+        finally:
+            if check is not None and not check.done():
+                check.cancel()
+
+    async def _pipelined(self, envelope: Envelope, check: asyncio.Future[bool] | None) -> Result:
+        for attempt in range(2):
+            try:
+                client = await self._connect()
+                commands = self._commands(client, envelope)
+                if not _pipelining(client):
+                    # Failover reached a server without PIPELINING: one command at a time.
+                    replies = []
+                    for verb, *arguments in commands:
+                        replies.append(await client.execute_command(verb, *arguments))
+                        if replies[-1].code not in (250, 251):
+                            break
+                    else:
+                        replies.append(await client.execute_command(b"DATA"))
+                else:
+                    protocol = client.protocol
+                    assert protocol is not None
+                    lines = [b" ".join(command) for command in commands]
+                    if any(b"\r" in line or b"\n" in line for line in lines):
+                        raise ValueError("an address holds a line break")
+                    protocol.write(b"\r\n".join(lines) + b"\r\nDATA\r\n")
+                    replies = []
+                    for _ in range(3):
+                        replies.append(await protocol.read_response(timeout=self.timeout))
+                        if replies[-1].code == 421:
+                            break  # The server is closing the session: nothing more will come.
+            except (aiosmtplib.SMTPException, OSError) as error:
+                # Broken before the message: nothing was handed over, so a fresh connection may try again.
+                self._drop()
+                if attempt == 0:
+                    continue
+                if not await self._verdict(check):
+                    return _SKIPPED
+                return Result(Outcome.temporary, 0, f"{type(error).__name__}: {error}")
+            refused = next((r for r in replies if r.code not in (250, 251, 354)), None)
+            if refused is None and len(replies) == 3:
+                break
+            if refused is not None and refused.code == 421:
+                self._drop()
+                if attempt == 0:
+                    continue
+            elif replies[-1].code == 354:
+                self._drop()  # DATA was accepted after a refusal (RFC 2920 §3.1): end the session, send nothing.
+            else:
+                await self._reset()
+            if not await self._verdict(check):
+                return _SKIPPED  # The reader left or the campaign stopped: that is the answer, not the refusal.
+            assert refused is not None
+            if refused is replies[0]:
+                # Whatever the code, a refused sender says nothing about the recipient: retry later.
+                return Result(Outcome.temporary, refused.code, refused.message, sender_refused=True)
+            return _classify(refused.code, refused.message)
+        try:
+            go = await self._verdict(check)
+        except BaseException:
+            self._drop()  # The server waits for a message that will not come.
+            raise
+        if not go:
+            self._drop()
+            return _SKIPPED
+        protocol = client.protocol
+        if protocol is None:
+            self._drop()
+            return Result(Outcome.temporary, 0, "connection lost at DATA, before the message")
+        try:
+            response = await self._message(protocol, envelope.data)
+        except aiosmtplib.SMTPResponseException as error:
+            if error.code == 421:
+                self._drop()
+            else:
+                await self._reset()
+            return _classify(error.code, error.message)
+        except (aiosmtplib.SMTPException, OSError) as error:
+            # Timeout or drop after the message began: the server may have it.
+            self._drop()
+            return Result(Outcome.unknown, 0, f"{type(error).__name__} after DATA: {error}")
+        return Result(Outcome.sent, response.code, response.message)
+
+    @staticmethod
+    async def _verdict(check: asyncio.Future[bool] | None) -> bool:
+        return True if check is None else await check
+
     async def _data(self, client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
         """DATA with the message as we built it. Our messages already end lines with CRLF, so dot-stuffing
         is one bytes.replace; aiosmtplib's own `data()` runs two regexes over every message instead.
@@ -278,6 +430,10 @@ class SmtpTransport:
         protocol = client.protocol
         if protocol is None:
             raise _NotHandedOver("connection lost before the message was sent")
+        return await self._message(protocol, data)
+
+    async def _message(self, protocol: SMTPProtocol, data: bytes) -> aiosmtplib.SMTPResponse:
+        """The message after a 354, dot-stuffed, and the server's answer to the final dot."""
         body = data.replace(b"\r\n.", b"\r\n..")
         if body.startswith(b"."):
             body = b"." + body
