@@ -245,19 +245,31 @@ async def _run(campaign_id: int) -> bool:
     templates = Templates()
     deadline = time.monotonic() + settings.task_seconds
     more = False
+
+    def claim_next() -> asyncio.Future[Claimed]:
+        return asyncio.ensure_future(asyncio.to_thread(_claim, campaign_id, worker, settings, templates))
+
+    # The next batch is claimed while this one is sent, so the connections never wait for a claim.
+    # Whatever is claimed and not tried when the loop stops goes back to pending (release_claims).
+    upcoming: asyncio.Future[Claimed] | None = claim_next()
     try:
         while True:
+            assert upcoming is not None
+            claimed = await upcoming
+            upcoming = None
+            if not claimed.go_on:
+                break
             if time.monotonic() > deadline:
                 more = True
                 break
-            claimed = await asyncio.to_thread(_claim, campaign_id, worker, settings, templates)
-            if not claimed.go_on:
-                break
+            upcoming = claim_next()
             for delivery_id, why in claimed.skipped:
                 recorder.record(Outcome(delivery_id, DeliveryState.skipped, text=why))
             batch = Batch(campaign_id=campaign_id, templates=templates, recorder=recorder, throttle=throttle,
                           window=window, settings=settings)
             await batch.send(claimed.jobs, lanes)
+            if batch.held:
+                break  # Paused or cancelled: the hand-over said so.
             if batch.sender_refused is not None:
                 refused = batch.sender_refused
                 reason = (f"Paused automatically: the SMTP server refused the sender {settings.from_address} "
@@ -272,6 +284,11 @@ async def _run(campaign_id: int) -> bool:
                     campaigns.pause(session, campaign_id, reason=window.reason())
                 break
     finally:
+        if upcoming is not None:
+            try:
+                await upcoming  # Its claims must exist before release_claims hands them back.
+            except Exception:
+                log.exception("campaign %s: claiming the next batch failed", campaign_id)
         for transport in lanes:
             await transport.close()
         await asyncio.to_thread(recorder.close)
