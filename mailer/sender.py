@@ -179,6 +179,12 @@ class _PipeliningProtocol(SMTPProtocol):
 
     async def read_response(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
         self._deliver()  # A reply may already wait in the buffer, behind the one read last.
+        waiter = self._response_waiter
+        if waiter is not None and waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            # Already here (the replies of a pipelined group come together): no timer to set and cancel.
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+            return waiter.result()
         return await super().read_response(timeout)
 
 
