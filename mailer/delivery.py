@@ -23,7 +23,7 @@ from mailer.db import session_scope
 from mailer.digests import Content
 from mailer.models import Campaign, CampaignKind, CampaignStatus, DeliveryState, Status, utcnow
 from mailer.recorder import Outcome, Recorder
-from mailer.sender import Envelope, Result, Transport, transport_for
+from mailer.sender import BeforeData, Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
 from mailer.signing import sign
 from mailer.store import Claim, ReaderRow
@@ -138,53 +138,90 @@ class Batch:
                                                                            eight_bit=eight_bit)
         return sign(data, self.settings), mid
 
+    def _turn(self, job: Job) -> tuple[list[str], BeforeData]:
+        """The job's hand-over check for the transport, and the list its answer lands in."""
+        verdict: list[str] = []
+
+        async def handover() -> bool:
+            verdict.append(await self.recorder.handover(job.claim.delivery_id))
+            return verdict[-1] == "go"
+
+        return verdict, handover
+
+    async def _give_back(self, transport: Transport, job: Job, verdict: list[str]) -> None:
+        """The lane stops before sending `job`, which may already be announced to the transport."""
+        await transport.abandon()
+        if verdict == ["go"]:
+            # Its envelope went out behind the last message and the hand-over was made; no message followed.
+            self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.pending,
+                                         text="not sent: the sending loop stopped first"))
+        elif verdict == ["skip"]:
+            self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.skipped,
+                                         text="not sent: no longer eligible"))
+
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
-        # The lanes share one iterator, so a slow connection takes fewer jobs.
-        for job in jobs:
+        # The lanes share one iterator, so a slow connection takes fewer jobs. Without a rate limit each
+        # lane takes its next job before sending the current one, so that job's envelope (and hand-over
+        # check) can ride behind the current message on the same connection.
+        chain = self.throttle.unlimited
+        job = next(jobs, None)
+        turn = self._turn(job) if job is not None else None
+        while job is not None and turn is not None:
+            verdict, handover = turn
             if self.sender_refused is not None or self.held:
-                return  # The other jobs stay claimed and untried; the loop hands them back.
+                # The other jobs stay claimed and untried; the loop hands them back.
+                await self._give_back(transport, job, verdict)
+                return
+            upcoming = next(jobs, None) if chain else None
+            upcoming_turn = self._turn(upcoming) if upcoming is not None else None
             mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
-            verdict: list[str] = []
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
                 envelope = Envelope(self.sender, job.reader.email, data)
-
-                async def handover(delivery_id: int = job.claim.delivery_id, verdict: list[str] = verdict) -> bool:
-                    verdict.append(await self.recorder.handover(delivery_id))
-                    return verdict[-1] == "go"
-
+                if upcoming is not None and upcoming_turn is not None:
+                    transport.announce(Envelope(self.sender, upcoming.reader.email, b""), upcoming_turn[1])
+                else:
+                    transport.announce(None)
                 result = await transport.send(envelope, before_data=handover)
-                if verdict == ["hold"]:
-                    # Paused or cancelled: this claim goes back untried, and the lane stops.
-                    self.held = True
-                    return
             except Exception as error:
                 # One bad message (or a database hiccup at hand-over) must not stop the batch. If the
                 # hand-over was committed the mail may have gone; the record below says so.
                 log.exception("delivery %s failed before an SMTP answer", job.claim.delivery_id)
                 result = Result(SmtpOutcome.temporary, 0, f"{type(error).__name__}: {error}")
-            if result.sender_refused:
+            if verdict == ["hold"]:
+                # Paused or cancelled: this claim goes back untried, and the lane stops.
+                self.held = True
+            elif result.sender_refused:
                 # Not this reader's failure: the claim goes back untried and the campaign pauses.
                 self.sender_refused = result
                 if verdict == ["go"]:
                     # The hand-over ran beside a pipelined MAIL FROM, but no message followed: pending again.
                     self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.pending, code=result.code,
                                                  text=result.text))
-                return
-            self.window.add(result)
-            decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,
-                                     now=utcnow(), settings=self.settings)
-            self.recorder.record(Outcome(
-                delivery_id=job.claim.delivery_id,
-                state=decision.state,
-                code=result.code or None,
-                text=result.text if not result.ok else None,
-                message_id=mid if result.outcome is not SmtpOutcome.skipped else None,
-                next_attempt_at=decision.next_attempt_at,
-                failed=decision.state is DeliveryState.deferred,
-                suppress_subscriber=job.reader.id if decision.suppress else None,
-            ))
+            else:
+                self._record(job, result, mid)
+            if chain:
+                job, turn = upcoming, upcoming_turn
+            else:
+                job = next(jobs, None)
+                turn = self._turn(job) if job is not None else None
+        await transport.abandon()
+
+    def _record(self, job: Job, result: Result, mid: str) -> None:
+        self.window.add(result)
+        decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,
+                                 now=utcnow(), settings=self.settings)
+        self.recorder.record(Outcome(
+            delivery_id=job.claim.delivery_id,
+            state=decision.state,
+            code=result.code or None,
+            text=result.text if not result.ok else None,
+            message_id=mid if result.outcome is not SmtpOutcome.skipped else None,
+            next_attempt_at=decision.next_attempt_at,
+            failed=decision.state is DeliveryState.deferred,
+            suppress_subscriber=job.reader.id if decision.suppress else None,
+        ))
 
     async def send(self, jobs: list[Job], lanes: list[Transport]) -> None:
         shared = iter(jobs)

@@ -86,6 +86,16 @@ _SKIPPED = Result(Outcome.skipped, 0, "not sent: no longer eligible")
 class Transport(Protocol):
     async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result: ...
 
+    def announce(self, envelope: Envelope | None, before_data: BeforeData | None = None) -> None:
+        """Name the message that `send` gets next on this transport (None: none), so its envelope may
+        go out right behind the current message. Its `before_data` may then run before that `send`."""
+        ...
+
+    async def abandon(self) -> None:
+        """The announced message will not be sent: forget it, ending the session if its envelope went out
+        (its `before_data` has then run, or is waited for here)."""
+        ...
+
     async def eight_bit(self) -> bool:
         """Whether 8bit message bodies may be sent (RFC 6152 8BITMIME)."""
         ...
@@ -107,6 +117,12 @@ class OutboxTransport:
             self._box = mailbox.Maildir(self.directory, create=True)
         self._box.add(b"Return-Path: <" + envelope.sender.encode() + b">\r\n" + envelope.data)
         return Result(Outcome.sent, 250, "stored in outbox")
+
+    def announce(self, envelope: Envelope | None, before_data: BeforeData | None = None) -> None:
+        return None
+
+    async def abandon(self) -> None:
+        return None
 
     async def eight_bit(self) -> bool:
         return True
@@ -196,6 +212,20 @@ def _pipelining(client: aiosmtplib.SMTP) -> bool:
 _down_until: dict[Server, float] = {}
 
 
+@dataclass
+class _Ahead:
+    """The next message's envelope. Once written behind the current message (RFC 2920 lets the message
+    open a group), `client` is that session and `check` its hand-over check, started with the write."""
+
+    envelope: Envelope
+    before_data: BeforeData | None
+    client: aiosmtplib.SMTP | None = None
+    check: asyncio.Future[bool] | None = None
+
+    def matches(self, envelope: Envelope) -> bool:
+        return (self.envelope.sender, self.envelope.recipient) == (envelope.sender, envelope.recipient)
+
+
 class SmtpTransport:
     """One kept-open SMTP session, with failover across the configured servers in order."""
 
@@ -204,6 +234,8 @@ class SmtpTransport:
         self.timeout = timeout
         self._client: aiosmtplib.SMTP | None = None
         self.server: Server | None = None
+        self._next: _Ahead | None = None      # announced, not written yet
+        self._written: _Ahead | None = None   # written behind the last message, replies not read yet
 
     async def _connect(self) -> aiosmtplib.SMTP:
         if self._client is not None and self._client.is_connected:
@@ -287,13 +319,36 @@ class SmtpTransport:
             return _classify(response.code, response.message)
         return None
 
+    def announce(self, envelope: Envelope | None, before_data: BeforeData | None = None) -> None:
+        self._next = _Ahead(envelope, before_data) if envelope is not None else None
+
+    async def abandon(self) -> None:
+        self._next = None
+        written, self._written = self._written, None
+        if written is None:
+            return
+        if written.client is self._client:
+            self._drop()  # The server may be waiting in DATA for a message that will not come.
+        if written.check is not None:
+            try:
+                await written.check
+            except Exception:
+                log.exception("the hand-over check of an abandoned message failed")
+
     async def send(self, envelope: Envelope, before_data: BeforeData | None = None) -> Result:
+        if self._next is not None and self._next.matches(envelope):
+            self._next = None  # This is the announced message itself: nothing to write behind it.
+        written, self._written = self._written, None
+        if written is not None and not written.matches(envelope):
+            self._written = written
+            await self.abandon()  # Not the message announced: that envelope and its session are void.
+            written = None
         try:
             client = await self._connect()
         except OSError:
             client = None  # The attempts below report the connection problem for the message itself.
-        if client is not None and _pipelining(client):
-            return await self._send_pipelined(envelope, before_data)
+        if written is not None or (client is not None and _pipelining(client)):
+            return await self._send_pipelined(envelope, before_data, written)
         # A session that broke before DATA is retried once on a fresh connection: nothing was handed over.
         for attempt in range(2):
             try:
@@ -331,17 +386,24 @@ class SmtpTransport:
             return Result(Outcome.unknown, 0, f"{type(error).__name__} after DATA: {error}")
         return Result(Outcome.sent, response.code, response.message)
 
-    async def _send_pipelined(self, envelope: Envelope, before_data: BeforeData | None) -> Result:
+    async def _send_pipelined(self, envelope: Envelope, before_data: BeforeData | None,
+                              written: _Ahead | None = None) -> Result:
         """MAIL FROM, RCPT TO and DATA in one write (RFC 2920), the hand-over check running meanwhile;
-        the message follows once both said yes. Every reply of the group is read and checked."""
-        check = asyncio.ensure_future(before_data()) if before_data is not None else None
+        the message follows once both said yes. Every reply of the group is read and checked. With
+        `written`, the group went out behind the previous message and its check runs already."""
+        if written is not None:
+            check, sent_on = written.check, written.client
+        else:
+            check = asyncio.ensure_future(before_data()) if before_data is not None else None
+            sent_on = None
         try:
-            return await self._pipelined(envelope, check)
+            return await self._pipelined(envelope, check, sent_on)
         finally:
             if check is not None and not check.done():
                 check.cancel()
 
-    async def _pipelined(self, envelope: Envelope, check: asyncio.Future[bool] | None) -> Result:
+    async def _pipelined(self, envelope: Envelope, check: asyncio.Future[bool] | None,
+                         sent_on: aiosmtplib.SMTP | None) -> Result:
         for attempt in range(2):
             try:
                 client = await self._connect()
@@ -358,10 +420,8 @@ class SmtpTransport:
                 else:
                     protocol = client.protocol
                     assert protocol is not None
-                    lines = [b" ".join(command) for command in commands]
-                    if any(b"\r" in line or b"\n" in line for line in lines):
-                        raise ValueError("an address holds a line break")
-                    protocol.write(b"\r\n".join(lines) + b"\r\nDATA\r\n")
+                    if not (attempt == 0 and sent_on is client):
+                        protocol.write(self._group(commands))
                     replies = []
                     for _ in range(3):
                         replies.append(await protocol.read_response(timeout=self.timeout))
@@ -405,19 +465,41 @@ class SmtpTransport:
         if protocol is None:
             self._drop()
             return Result(Outcome.temporary, 0, "connection lost at DATA, before the message")
+        # The next message's envelope rides behind this one, its hand-over check starting now.
+        following, self._next = self._next, None
+        tail = b""
+        if following is not None and not following.matches(envelope) and _pipelining(client):
+            try:
+                tail = self._group(self._commands(client, following.envelope))
+            except ValueError:
+                tail = b""
+            else:
+                following.client = client
+                if following.before_data is not None:
+                    following.check = asyncio.ensure_future(following.before_data())
+                self._written = following
         try:
-            response = await self._message(protocol, envelope.data)
+            response = await self._message(protocol, envelope.data, tail)
         except aiosmtplib.SMTPResponseException as error:
             if error.code == 421:
                 self._drop()
-            else:
+            elif self._written is None:
                 await self._reset()
+            # else: the transaction ended with that reply, and the next one is already on its way: no RSET.
             return _classify(error.code, error.message)
         except (aiosmtplib.SMTPException, OSError) as error:
             # Timeout or drop after the message began: the server may have it.
             self._drop()
             return Result(Outcome.unknown, 0, f"{type(error).__name__} after DATA: {error}")
         return Result(Outcome.sent, response.code, response.message)
+
+    @staticmethod
+    def _group(commands: tuple[tuple[bytes, ...], ...]) -> bytes:
+        """MAIL FROM, RCPT TO and DATA as one pipelined group."""
+        lines = [b" ".join(command) for command in commands]
+        if any(b"\r" in line or b"\n" in line for line in lines):
+            raise ValueError("an address holds a line break")
+        return b"\r\n".join(lines) + b"\r\nDATA\r\n"
 
     @staticmethod
     async def _verdict(check: asyncio.Future[bool] | None) -> bool:
@@ -438,20 +520,22 @@ class SmtpTransport:
             raise _NotHandedOver("connection lost before the message was sent")
         return await self._message(protocol, data)
 
-    async def _message(self, protocol: SMTPProtocol, data: bytes) -> aiosmtplib.SMTPResponse:
-        """The message after a 354, dot-stuffed, and the server's answer to the final dot."""
+    async def _message(self, protocol: SMTPProtocol, data: bytes, tail: bytes = b"") -> aiosmtplib.SMTPResponse:
+        """The message after a 354, dot-stuffed, and the server's answer to the final dot. `tail` (the next
+        envelope, pipelined) goes out in the same write."""
         body = data.replace(b"\r\n.", b"\r\n..")
         if body.startswith(b"."):
             body = b"." + body
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
-        protocol.write(body + b".\r\n")
+        protocol.write(body + b".\r\n" + tail)
         response = await protocol.read_response(timeout=self.timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
 
     async def close(self) -> None:
+        await self.abandon()
         client, self._client = self._client, None
         if client is not None and client.is_connected:
             try:
