@@ -138,6 +138,11 @@ class Batch:
                                                                            eight_bit=eight_bit)
         return sign(data, self.settings), mid
 
+    def envelope(self, job: Job, data: bytes = b"") -> Envelope:
+        """The job's envelope, its own MAIL FROM and RCPT TO: the announced next envelope and the one sent
+        must be made here alike, or the transport voids what it wrote ahead."""
+        return Envelope(self.sender, job.reader.email, data)
+
     def _turn(self, job: Job) -> tuple[list[str], BeforeData]:
         """The job's hand-over check for the transport, and the list its answer lands in."""
         verdict: list[str] = []
@@ -178,9 +183,9 @@ class Batch:
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
-                envelope = Envelope(self.sender, job.reader.email, data)
+                envelope = self.envelope(job, data)
                 if upcoming is not None and upcoming_turn is not None:
-                    transport.announce(Envelope(self.sender, upcoming.reader.email, b""), upcoming_turn[1])
+                    transport.announce(self.envelope(upcoming), upcoming_turn[1])
                 else:
                     transport.announce(None)
                 result = await transport.send(envelope, before_data=handover)
