@@ -207,9 +207,15 @@ def _raw_worker(port: int, message: bytes, count: int, connections: int, out: mu
         remaining = iter(range(count))
 
         async def lane(transport: SmtpTransport) -> None:
-            for i in remaining:
+            # As the sending loop does: the next envelope is announced, to ride behind the current message.
+            i = next(remaining, None)
+            while i is not None:
+                j = next(remaining, None)
+                transport.announce(Envelope("newsletter@bench.example", f"r{j}@bench.example", b"")
+                                   if j is not None else None)
                 result = await transport.send(Envelope("newsletter@bench.example", f"r{i}@bench.example", message))
                 assert result.ok, result
+                i = j
 
         await asyncio.gather(*(lane(t) for t in lanes))
         for transport in lanes:

@@ -23,7 +23,7 @@ from mailer.db import session_scope
 from mailer.digests import Content
 from mailer.models import Campaign, CampaignKind, CampaignStatus, DeliveryState, Status, utcnow
 from mailer.recorder import Outcome, Recorder
-from mailer.sender import Envelope, Result, Transport, transport_for
+from mailer.sender import BeforeData, Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
 from mailer.signing import sign
 from mailer.store import Claim, ReaderRow
@@ -137,50 +137,96 @@ class Batch:
                                                                            eight_bit=eight_bit)
         return sign(data, self.settings), mid
 
+    def envelope(self, job: Job, data: bytes = b"") -> Envelope:
+        """The job's envelope, its own MAIL FROM and RCPT TO: the announced next envelope and the one sent
+        must be made here alike, or the transport voids what it wrote ahead."""
+        # Each delivery's own return path (VERP), so a bounce names the delivery it is about.
+        return Envelope(addresses.return_path(job.claim.delivery_id), job.reader.email, data)
+
+    def _turn(self, job: Job) -> tuple[list[str], BeforeData]:
+        """The job's hand-over check for the transport, and the list its answer lands in."""
+        verdict: list[str] = []
+
+        async def handover() -> bool:
+            verdict.append(await self.recorder.handover(job.claim.delivery_id))
+            return verdict[-1] == "go"
+
+        return verdict, handover
+
+    async def _give_back(self, transport: Transport, job: Job, verdict: list[str]) -> None:
+        """The lane stops before sending `job`, which may already be announced to the transport."""
+        await transport.abandon()
+        if verdict == ["go"]:
+            # Its envelope went out behind the last message and the hand-over was made; no message followed.
+            self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.pending,
+                                         text="not sent: the sending loop stopped first"))
+        elif verdict == ["skip"]:
+            self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.skipped,
+                                         text="not sent: no longer eligible"))
+
     async def lane(self, transport: Transport, jobs: Iterator[Job]) -> None:
-        # The lanes share one iterator, so a slow connection takes fewer jobs.
-        for job in jobs:
+        # The lanes share one iterator, so a slow connection takes fewer jobs. Without a rate limit each
+        # lane takes its next job before sending the current one, so that job's envelope (and hand-over
+        # check) can ride behind the current message on the same connection.
+        chain = self.throttle.unlimited
+        job = next(jobs, None)
+        turn = self._turn(job) if job is not None else None
+        while job is not None and turn is not None:
+            verdict, handover = turn
             if self.sender_refused is not None or self.held:
-                return  # The other jobs stay claimed and untried; the loop hands them back.
+                # The other jobs stay claimed and untried; the loop hands them back.
+                await self._give_back(transport, job, verdict)
+                return
+            upcoming = next(jobs, None) if chain else None
+            upcoming_turn = self._turn(upcoming) if upcoming is not None else None
             mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
-                # Each delivery's own return path (VERP), so a bounce names the delivery it is about.
-                envelope = Envelope(addresses.return_path(job.claim.delivery_id), job.reader.email, data)
-                verdict: list[str] = []
-
-                async def handover(delivery_id: int = job.claim.delivery_id, verdict: list[str] = verdict) -> bool:
-                    verdict.append(await self.recorder.handover(delivery_id))
-                    return verdict[-1] == "go"
-
+                envelope = self.envelope(job, data)
+                if upcoming is not None and upcoming_turn is not None:
+                    transport.announce(self.envelope(upcoming), upcoming_turn[1])
+                else:
+                    transport.announce(None)
                 result = await transport.send(envelope, before_data=handover)
-                if verdict == ["hold"]:
-                    # Paused or cancelled: this claim goes back untried, and the lane stops.
-                    self.held = True
-                    return
             except Exception as error:
                 # One bad message (or a database hiccup at hand-over) must not stop the batch. If the
                 # hand-over was committed the mail may have gone; the record below says so.
                 log.exception("delivery %s failed before an SMTP answer", job.claim.delivery_id)
                 result = Result(SmtpOutcome.temporary, 0, f"{type(error).__name__}: {error}")
-            if result.sender_refused:
+            if verdict == ["hold"]:
+                # Paused or cancelled: this claim goes back untried, and the lane stops.
+                self.held = True
+            elif result.sender_refused:
                 # Not this reader's failure: the claim goes back untried and the campaign pauses.
                 self.sender_refused = result
-                return
-            self.window.add(result)
-            decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,
-                                     now=utcnow(), settings=self.settings)
-            self.recorder.record(Outcome(
-                delivery_id=job.claim.delivery_id,
-                state=decision.state,
-                code=result.code or None,
-                text=result.text if not result.ok else None,
-                message_id=mid if result.outcome is not SmtpOutcome.skipped else None,
-                next_attempt_at=decision.next_attempt_at,
-                failed=decision.state is DeliveryState.deferred,
-                bounce_subscriber=job.reader.id if decision.bounce else None,
-            ))
+                if verdict == ["go"]:
+                    # The hand-over ran beside a pipelined MAIL FROM, but no message followed: pending again.
+                    self.recorder.record(Outcome(job.claim.delivery_id, DeliveryState.pending, code=result.code,
+                                                 text=result.text))
+            else:
+                self._record(job, result, mid)
+            if chain:
+                job, turn = upcoming, upcoming_turn
+            else:
+                job = next(jobs, None)
+                turn = self._turn(job) if job is not None else None
+        await transport.abandon()
+
+    def _record(self, job: Job, result: Result, mid: str) -> None:
+        self.window.add(result)
+        decision = policy.decide(result, attempts=job.claim.attempts, first_failed_at=job.claim.first_failed_at,
+                                 now=utcnow(), settings=self.settings)
+        self.recorder.record(Outcome(
+            delivery_id=job.claim.delivery_id,
+            state=decision.state,
+            code=result.code or None,
+            text=result.text if not result.ok else None,
+            message_id=mid if result.outcome is not SmtpOutcome.skipped else None,
+            next_attempt_at=decision.next_attempt_at,
+            failed=decision.state is DeliveryState.deferred,
+            bounce_subscriber=job.reader.id if decision.bounce else None,
+        ))
 
     async def send(self, jobs: list[Job], lanes: list[Transport]) -> None:
         shared = iter(jobs)
@@ -241,19 +287,31 @@ async def _run(campaign_id: int) -> bool:
     templates = Templates()
     deadline = time.monotonic() + settings.task_seconds
     more = False
+
+    def claim_next() -> asyncio.Future[Claimed]:
+        return asyncio.ensure_future(asyncio.to_thread(_claim, campaign_id, worker, settings, templates))
+
+    # The next batch is claimed while this one is sent, so the connections never wait for a claim.
+    # Whatever is claimed and not tried when the loop stops goes back to pending (release_claims).
+    upcoming: asyncio.Future[Claimed] | None = claim_next()
     try:
         while True:
+            assert upcoming is not None
+            claimed = await upcoming
+            upcoming = None
+            if not claimed.go_on:
+                break
             if time.monotonic() > deadline:
                 more = True
                 break
-            claimed = await asyncio.to_thread(_claim, campaign_id, worker, settings, templates)
-            if not claimed.go_on:
-                break
+            upcoming = claim_next()
             for delivery_id, why in claimed.skipped:
                 recorder.record(Outcome(delivery_id, DeliveryState.skipped, text=why))
             batch = Batch(campaign_id=campaign_id, templates=templates, recorder=recorder, throttle=throttle,
                           window=window, settings=settings)
             await batch.send(claimed.jobs, lanes)
+            if batch.held:
+                break  # Paused or cancelled: the hand-over said so.
             if batch.sender_refused is not None:
                 refused = batch.sender_refused
                 reason = (f"Paused automatically: the SMTP server refused the sender {settings.return_path_base} "
@@ -269,6 +327,11 @@ async def _run(campaign_id: int) -> bool:
                     campaigns.pause(session, campaign_id, reason=window.reason())
                 break
     finally:
+        if upcoming is not None:
+            try:
+                await upcoming  # Its claims must exist before release_claims hands them back.
+            except Exception:
+                log.exception("campaign %s: claiming the next batch failed", campaign_id)
         for transport in lanes:
             await transport.close()
         await asyncio.to_thread(recorder.close)

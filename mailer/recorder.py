@@ -17,9 +17,10 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, String, Table, bindparam, cast, exists, literal, select, update
+from sqlalchemy import BindParameter, Connection, String, Table, bindparam, cast, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from mailer import bounces
@@ -34,6 +35,7 @@ from mailer.models import (
     Suppression,
     utcnow,
 )
+from mailer.store import one_of
 from mailer.subscriptions import Origin
 
 log = logging.getLogger(__name__)
@@ -75,35 +77,49 @@ _ELIGIBLE = exists().where(
     ~exists().where(Suppression.email_hash == Subscriber.email_hash),
 ) & _CAMPAIGN_SENDING
 
-_HELD = select(_DELIVERIES.c.id).where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
-                                      ~_CAMPAIGN_SENDING)
+_IDS: BindParameter[Any] = bindparam("ids")
 
-# Core statements built once: the recorder runs them thousands of times a second.
-_HANDOVER = (
-    update(_DELIVERIES)
-    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)),
-           _DELIVERIES.c.state == DeliveryState.sending.value,
-           _DELIVERIES.c.claimed_by == bindparam("worker"),
-           _ELIGIBLE)
-    .values(handed_over_at=bindparam("now"))
-    .returning(_DELIVERIES.c.id)
-)
 
-_FIRST_FAILURE = (
-    update(_DELIVERIES)
-    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.c.first_failed_at.is_(None))
-    .values(first_failed_at=bindparam("now"))
-)
+@dataclass(frozen=True)
+class _Statements:
+    held: Any
+    handover: Any
+    first_failure: Any
+    sent: Any
 
-# Most answers are 250s: one statement marks them all, instead of one row at a time.
-_SENT = (
-    update(_DELIVERIES)
-    .where(_DELIVERIES.c.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.c.claimed_by == bindparam("worker"))
-    .values(state=DeliveryState.sent.value, sent_at=bindparam("now"), smtp_code=250, smtp_text=None,
-            next_attempt_at=None, claimed_by=None,
-            message_id=literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
-            + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
-)
+
+@lru_cache(maxsize=2)
+def _statements(postgresql: bool) -> _Statements:
+    """Core statements built once per dialect: the recorder runs them thousands of times a second."""
+    held = select(_DELIVERIES.c.id).where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql), ~_CAMPAIGN_SENDING)
+    handover = (
+        update(_DELIVERIES)
+        .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql),
+               _DELIVERIES.c.state == DeliveryState.sending.value,
+               _DELIVERIES.c.claimed_by == bindparam("worker"),
+               _ELIGIBLE)
+        .values(handed_over_at=bindparam("now"))
+        .returning(_DELIVERIES.c.id)
+    )
+
+    first_failure = (
+        update(_DELIVERIES)
+        .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql), _DELIVERIES.c.first_failed_at.is_(None))
+        .values(first_failed_at=bindparam("now"))
+    )
+
+    # Most answers are 250s: one statement marks them all, instead of one row at a time.
+    sent = (
+        update(_DELIVERIES)
+        .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql),
+               _DELIVERIES.c.claimed_by == bindparam("worker"))
+        .values(state=DeliveryState.sent.value, sent_at=bindparam("now"), smtp_code=250, smtp_text=None,
+                next_attempt_at=None, claimed_by=None,
+                message_id=literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
+                + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
+    )
+    return _Statements(held=held, handover=handover, first_failure=first_failure, sent=sent)
+
 
 _RESULT = (
     update(_DELIVERIES)
@@ -118,6 +134,16 @@ _RESULT = (
         claimed_by=None,
     )
 )
+
+
+def _settle(futures: list[tuple[asyncio.Future[Any], Any]], error: BaseException | None) -> None:
+    for future, value in futures:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 class Recorder:
@@ -144,8 +170,9 @@ class Recorder:
         suppressed; "hold" when the campaign was paused or cancelled (the claim is then handed back)."""
         return str(await self._submit(_Op("handover", delivery_id)))
 
-    def record(self, outcome: Outcome) -> asyncio.Future[Any]:
-        return self._submit(_Op("record", outcome.delivery_id, outcome))
+    def record(self, outcome: Outcome) -> None:
+        """Queue a result; nobody waits for it (flush() does), so it carries no future to settle."""
+        self._queue.put(_Op("record", outcome.delivery_id, outcome))
 
     async def flush(self) -> None:
         await self._submit(_Op("flush"))
@@ -170,31 +197,23 @@ class Recorder:
                 answers = self._apply(ops) if ops else {}
             except BaseException as error:
                 log.exception("recording %d operations failed", len(ops))
-                for op in ops:
-                    self._resolve(op, error=error)
+                self._resolve(ops, {}, error)
             else:
-                for op in ops:
-                    self._resolve(op, value=answers.get(id(op), True))
+                self._resolve(ops, answers, None)
             if stop:
                 if self._connection is not None:
                     self._connection.close()
                 return
 
     @staticmethod
-    def _resolve(op: _Op, *, value: Any = None, error: BaseException | None = None) -> None:
-        if op.future is None or op.loop is None:
-            return
-        future = op.future
-
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-
-        op.loop.call_soon_threadsafe(settle)
+    def _resolve(ops: list[_Op], answers: dict[int, Any], error: BaseException | None) -> None:
+        """Settle the group's futures with one wake-up of each event loop, not one per operation."""
+        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for op in ops:
+            if op.future is not None and op.loop is not None:
+                waiting.setdefault(op.loop, []).append((op.future, answers.get(id(op), True)))
+        for loop, futures in waiting.items():
+            loop.call_soon_threadsafe(_settle, futures, error)
 
     def _apply(self, ops: list[_Op]) -> dict[int, Any]:
         answers: dict[int, Any] = {}
@@ -204,11 +223,12 @@ class Recorder:
         if self._connection is None or self._connection.closed:
             self._connection = engine().connect()
         connection = self._connection
+        statements = _statements(connection.dialect.name == "postgresql")
         try:
             with connection.begin():
                 sent = [r.delivery_id for r in records if r.state is DeliveryState.sent]
                 if sent:
-                    connection.execute(_SENT, {"ids": sent, "worker": self.worker, "now": now,
+                    connection.execute(statements.sent, {"ids": sent, "worker": self.worker, "now": now,
                                                "id_domain": f"@{self.domain}>"})
                 records = [r for r in records if r.state is not DeliveryState.sent]
                 if records:
@@ -220,7 +240,7 @@ class Recorder:
                     ])
                     failed = [r.delivery_id for r in records if r.failed]
                     if failed:
-                        connection.execute(_FIRST_FAILURE, {"ids": failed, "now": now})
+                        connection.execute(statements.first_failure, {"ids": failed, "now": now})
                     bounced = [r for r in records if r.bounce_subscriber is not None]
                     if bounced:
                         with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
@@ -229,9 +249,10 @@ class Recorder:
                             session.commit()
                 if handovers:
                     ids = [op.delivery_id for op in handovers]
-                    marked = set(connection.scalars(_HANDOVER, {"ids": ids, "worker": self.worker, "now": now}))
+                    marked = set(connection.scalars(statements.handover,
+                                                    {"ids": ids, "worker": self.worker, "now": now}))
                     refused = [i for i in ids if i not in marked]
-                    held = set(connection.scalars(_HELD, {"ids": refused})) if refused else set()
+                    held = set(connection.scalars(statements.held, {"ids": refused})) if refused else set()
                     for op in handovers:
                         answers[id(op)] = ("go" if op.delivery_id in marked
                                            else "hold" if op.delivery_id in held else "skip")

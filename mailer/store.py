@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, literal, or_, select, update
+from sqlalchemy import BindParameter, ColumnElement, any_, bindparam, delete, exists, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY as postgresql_array
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -30,6 +31,28 @@ from mailer.models import (
     subscriber_categories,
     utcnow,
 )
+
+
+def one_of(column: Any, values: Sequence[Any] | BindParameter[Any], *, postgresql: bool) -> ColumnElement[bool]:
+    """`column IN (values)` for the hot path. On PostgreSQL it is `column = ANY(:array)`: one statement
+    text whatever the count, so SQLAlchemy caches it and psycopg prepares it, where an IN list is
+    rendered anew for every call. `values` is a list, or a bindparam named for the statement."""
+    condition: ColumnElement[bool]
+    if postgresql:
+        array = postgresql_array(column.type)
+        if isinstance(values, BindParameter):
+            condition = column == any_(bindparam(values.key, type_=array))
+        else:
+            condition = column == any_(bindparam(None, list(values), type_=array))
+    elif isinstance(values, BindParameter):
+        condition = column.in_(bindparam(values.key, expanding=True))
+    else:
+        condition = column.in_(list(values))
+    return condition
+
+
+def is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def subscriber(session: Session, subscriber_id: int, *, for_update: bool = False) -> Subscriber | None:
@@ -198,6 +221,8 @@ def claim_deliveries(session: Session, campaign_id: int, worker: str, limit: int
             .values(state=DeliveryState.sending, claimed_by=worker, claimed_at=now, handed_over_at=None,
                     attempts=Delivery.attempts + 1)
             .returning(Delivery.id, Delivery.subscriber_id, Delivery.attempts, Delivery.first_failed_at)
+            # No ORM objects of these rows are loaded: matching the returned rows against them is wasted time.
+            .execution_options(synchronize_session=False)
         ).all()
         claims.extend(Claim(*row) for row in rows)
     claims.sort(key=lambda claim: claim.delivery_id)
@@ -288,7 +313,7 @@ class ReaderRow:
 def readers(session: Session, subscriber_ids: Sequence[int]) -> dict[int, ReaderRow]:
     rows = session.execute(
         select(Subscriber.id, Subscriber.email, Subscriber.name, Subscriber.status, Subscriber.email_hash)
-        .where(Subscriber.id.in_(list(subscriber_ids)))
+        .where(one_of(Subscriber.id, subscriber_ids, postgresql=is_postgresql(session)))
     )
     return {row[0]: ReaderRow(*row) for row in rows}
 
@@ -297,7 +322,8 @@ def is_suppressed(session: Session, email_hashes: Iterable[str]) -> set[str]:
     wanted = list(email_hashes)
     if not wanted:
         return set()
-    return set(session.scalars(select(Suppression.email_hash).where(Suppression.email_hash.in_(wanted))))
+    return set(session.scalars(select(Suppression.email_hash).where(
+        one_of(Suppression.email_hash, wanted, postgresql=is_postgresql(session)))))
 
 
 def add_suppression(session: Session, *, email_hash: str, email: str | None, reason: str, detail: str) -> None:

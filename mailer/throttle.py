@@ -43,6 +43,11 @@ class Throttle:
         self.domain_rate = domain_rate
         self.domains: dict[str, Bucket] = {}
 
+    @property
+    def unlimited(self) -> bool:
+        """No rate applies: nothing ever waits in take()."""
+        return self.server.rate <= 0 and self.domain_rate <= 0
+
     async def take(self, recipient: str) -> None:
         if self.domain_rate > 0:
             domain = recipient.rpartition("@")[2].lower()

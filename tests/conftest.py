@@ -86,13 +86,24 @@ class Received:
         return str(body.get_content())
 
 
+def advertise_pipelining(responses: list[str]) -> list[str]:
+    """aiosmtpd reads commands one line at a time, so pipelined ones work, but it does not say so in EHLO."""
+    return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 @dataclass
 class SmtpSink:
-    """An aiosmtpd server on a free port that keeps every message it accepts."""
+    """An aiosmtpd server on a free port that keeps every message it accepts. It offers PIPELINING,
+    as real servers do, so the tests send the way production does."""
 
     port: int = 0
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return advertise_pipelining(responses)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:

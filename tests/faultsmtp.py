@@ -12,6 +12,9 @@ whatever order the mails arrive in. Modes:
     554-data  permanent refusal after the final dot
     drop      the server takes the message, then closes the connection without answering
     hang      the server takes the message, then never answers
+
+With `pipelining` the server offers PIPELINING (RFC 2920), so the client sends MAIL FROM, RCPT TO and
+DATA in one write; `PIPELINING` is the default, which tests switch to run every case both ways.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from tests.conftest import Received, free_port
+from tests.conftest import Received, advertise_pipelining, free_port
+
+PIPELINING = False
 
 RCPT_REPLIES = {
     "421": "421 4.3.2 Service shutting down",
@@ -47,6 +52,7 @@ class FaultySmtp:
     attempts: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     sender_reply: str = ""
+    pipelining: bool = field(default_factory=lambda: PIPELINING)
     # Commands a client sent on a session after the server answered 421 there (must stay empty).
     after_421: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,7 +119,7 @@ class FaultySmtp:
         with self.lock:
             self.connections += 1
         session.host_name = hostname
-        return responses
+        return advertise_pipelining(responses) if self.pipelining else responses
 
     def count(self, address: str) -> int:
         with self.lock:

@@ -8,9 +8,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mailer.models import Status
+from tests import faultsmtp
 from tests.campaign_helpers import create, deliveries, wait_until
 from tests.conftest import make_readers, subscriber_row
 from tests.faultsmtp import FaultySmtp, start_faulty
+
+
+@pytest.fixture(autouse=True, params=["one-by-one", "pipelining"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every case runs against a server without PIPELINING (each command waits for its reply) and one
+    with it (MAIL FROM, RCPT TO and DATA in one write, the hand-over check beside them)."""
+    monkeypatch.setattr(faultsmtp, "PIPELINING", request.param == "pipelining")
+    return bool(faultsmtp.PIPELINING)
 
 
 @pytest.fixture
