@@ -14,10 +14,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Table, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 PERIOD = {Frequency.daily: timedelta(days=1), Frequency.weekly: timedelta(days=7)}
 READER_BATCH = 1000
+DELIVERIES = cast(Table, Delivery.__table__)
+LEDGER = cast(Table, DigestEntry.__table__)
 STALE_BUILD_MINUTES = 30
 
 
@@ -184,34 +186,44 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
     already = set(session.scalars(select(Delivery.subscriber_id).where(
         Delivery.campaign_id == campaign.id, Delivery.subscriber_id.in_(ids))))
     order = [c.id for c in store.categories(session)]
-    planned: list[tuple[int, list[Section]]] = []
+    planned: list[tuple[int, list[Any]]] = []
+    # Readers with the same categories, cursor and ledger get the same digest: group once per kind of
+    # reader, not once per reader (most readers of a run share one of a few dozen mixes).
+    plans: dict[tuple[tuple[int, ...], datetime, frozenset[int]], list[Any]] = {}
     for subscriber_id, cursor in readers:
         if subscriber_id in already:
             continue
         since = cursor or cutoff - period
-        fresh = [a for a in articles if a.ingested is not None and a.ingested > since]
-        sections = build(chosen=chosen.get(subscriber_id, []), category_order=order, articles=fresh,
-                         received=received[subscriber_id], per_category=per_category)
+        key = (tuple(chosen.get(subscriber_id, ())), since, frozenset(received[subscriber_id]))
+        sections = plans.get(key)
+        if sections is None:
+            fresh = [a for a in articles if a.ingested is not None and a.ingested > since]
+            grouped = build(chosen=list(key[0]), category_order=order, articles=fresh, received=set(key[2]),
+                            per_category=per_category)
+            sections = plans[key] = [[None if s.category_id == UNCATEGORISED else s.category_id,
+                                      list(s.article_ids), list(s.more)] for s in grouped]
         if sections:
             planned.append((subscriber_id, sections))
     made = 0
     if planned:
         # ON CONFLICT DO NOTHING: a second process building the same run at the same moment adds nobody
-        # twice, and only the rows this one inserted get ledger entries.
+        # twice, and only the rows this one inserted get ledger entries. Core statements with a list of
+        # parameters: compiled once and sent in pages, where a VALUES list of a thousand rows was
+        # compiled anew for every batch.
         rows = session.execute(
-            store.insert_for(session)(Delivery).values(
-                [{"campaign_id": campaign.id, "subscriber_id": s, "state": DeliveryState.pending.value,
-                  "attempts": 0} for s, _ in planned]
-            ).on_conflict_do_nothing().returning(Delivery.id, Delivery.subscriber_id)
+            store.insert_for(session)(DELIVERIES).on_conflict_do_nothing()
+            .returning(DELIVERIES.c.id, DELIVERIES.c.subscriber_id),
+            [{"campaign_id": campaign.id, "subscriber_id": s, "state": DeliveryState.pending.value,
+              "attempts": 0} for s, _ in planned],
         ).all()
-        planned = [(s, sections) for s, sections in planned if s in {row[1] for row in rows}]
         delivery_of = {subscriber_id: delivery_id for delivery_id, subscriber_id in rows}
-        session.execute(insert(DigestEntry), [
-            {"delivery_id": delivery_of[subscriber_id], "subscriber_id": subscriber_id, "created_at": cutoff,
-             "sections": [[None if s.category_id == UNCATEGORISED else s.category_id, list(s.article_ids),
-                           list(s.more)] for s in sections]}
-            for subscriber_id, sections in planned
-        ])
+        planned = [(s, sections) for s, sections in planned if s in delivery_of]
+        if planned:
+            session.execute(insert(LEDGER), [
+                {"delivery_id": delivery_of[subscriber_id], "subscriber_id": subscriber_id, "created_at": cutoff,
+                 "sections": sections}
+                for subscriber_id, sections in planned
+            ])
         made = len(planned)
     session.execute(update(Subscriber).where(Subscriber.id.in_(ids)).values(digest_cursor=cutoff))
     return ids[-1], made
