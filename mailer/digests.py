@@ -183,16 +183,14 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
     ):
         chosen[subscriber_id].append(category_id)
     received = _received(session, ids, articles)
-    already = set(session.scalars(select(Delivery.subscriber_id).where(
-        Delivery.campaign_id == campaign.id, Delivery.subscriber_id.in_(ids))))
     order = [c.id for c in store.categories(session)]
     planned: list[tuple[int, list[Any]]] = []
     # Readers with the same categories, cursor and ledger get the same digest: group once per kind of
     # reader, not once per reader (most readers of a run share one of a few dozen mixes).
     plans: dict[tuple[tuple[int, ...], datetime, frozenset[int]], list[Any]] = {}
+    # A reader already in this run (a run carried on after a stop) is planned again but not added:
+    # the insert below skips them, and only rows it inserted get ledger entries.
     for subscriber_id, cursor in readers:
-        if subscriber_id in already:
-            continue
         since = cursor or cutoff - period
         key = (tuple(chosen.get(subscriber_id, ())), since, frozenset(received[subscriber_id]))
         sections = plans.get(key)
