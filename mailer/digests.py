@@ -9,15 +9,18 @@ mail, and their cursor moves on.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, insert, or_, select, update
+from sqlalchemy import Table, Text, insert, or_, select, update
+from sqlalchemy import cast as cast_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -318,13 +321,20 @@ class Content:
 
 
 def contents(session: Session, delivery_ids: list[int]) -> dict[int, Content]:
-    """What each digest delivery shows, from the ledger."""
+    """What each digest delivery shows, from the ledger. The entries are read as JSON text and parsed
+    once per distinct text: a run's hundred thousand entries hold a few dozen different ones."""
     return {
-        delivery_id: Content(tuple((category, tuple(listed), len(more)) for category, listed, more in sections))
-        for delivery_id, sections in session.execute(
-            select(DigestEntry.delivery_id, DigestEntry.sections).where(DigestEntry.delivery_id.in_(delivery_ids))
+        delivery_id: _content(text)
+        for delivery_id, text in session.execute(
+            select(DigestEntry.delivery_id, cast_(DigestEntry.sections, Text))
+            .where(DigestEntry.delivery_id.in_(delivery_ids))
         )
     }
+
+
+@lru_cache(maxsize=4096)
+def _content(text: str) -> Content:
+    return Content(tuple((category, tuple(listed), len(more)) for category, listed, more in json.loads(text)))
 
 
 def zone_of(run_key: str | None) -> str | None:
