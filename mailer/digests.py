@@ -50,6 +50,8 @@ PERIOD = {Frequency.daily: timedelta(days=1), Frequency.weekly: timedelta(days=7
 READER_BATCH = 1000
 DELIVERIES = cast(Table, Delivery.__table__)
 LEDGER = cast(Table, DigestEntry.__table__)
+# Core, not the ORM: moving a cursor is not an edit of the subscriber, so updated_at stays as it is.
+SUBSCRIBERS = cast(Table, Subscriber.__table__)
 STALE_BUILD_MINUTES = 30
 
 
@@ -145,9 +147,11 @@ def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef
     if not articles:
         return received
     oldest = min(a.ingested or a.when for a in articles)
+    postgresql = session.get_bind().dialect.name == "postgresql"
     for subscriber_id, sections in session.execute(
         select(DigestEntry.subscriber_id, DigestEntry.sections)
-        .where(DigestEntry.subscriber_id.in_(reader_ids), DigestEntry.created_at >= oldest)
+        .where(store.one_of(DigestEntry.subscriber_id, reader_ids, postgresql=postgresql),
+               DigestEntry.created_at >= oldest)
     ):
         for _category, listed, more in sections:
             received[subscriber_id].update(listed)
@@ -177,12 +181,13 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
     if not readers:
         return after_id, 0
     ids = [r[0] for r in readers]
+    postgresql = session.get_bind().dialect.name == "postgresql"
     oldest = min((r[1] or cutoff - period) for r in readers)
     articles = _articles_since(session, oldest, cutoff)
     chosen: dict[int, list[int]] = defaultdict(list)
     for subscriber_id, category_id in session.execute(
         select(subscriber_categories.c.subscriber_id, subscriber_categories.c.category_id)
-        .where(subscriber_categories.c.subscriber_id.in_(ids))
+        .where(store.one_of(subscriber_categories.c.subscriber_id, ids, postgresql=postgresql))
     ):
         chosen[subscriber_id].append(category_id)
     received = _received(session, ids, articles)
@@ -226,7 +231,8 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
                 for subscriber_id, sections in planned
             ])
         made = len(planned)
-    session.execute(update(Subscriber).where(Subscriber.id.in_(ids)).values(digest_cursor=cutoff))
+    session.execute(update(SUBSCRIBERS).where(store.one_of(SUBSCRIBERS.c.id, ids, postgresql=postgresql))
+                    .values(digest_cursor=cutoff, updated_at=SUBSCRIBERS.c.updated_at))
     return ids[-1], made
 
 
