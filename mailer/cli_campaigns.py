@@ -74,7 +74,8 @@ def _wait(campaign_id: int) -> None:
     progress = _show(campaign_id)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]:>7.0f}/s"), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task(progress.status, total=max(progress.total, 1), rate=0.0)
+        # A campaign that finished before the first look shows its full count, not 0.
+        task = bar.add_task(progress.status, total=max(progress.total, 1), completed=progress.done, rate=0.0)
         started, first_done, last_tick = time.monotonic(), progress.done, 0.0
         while progress.status in {"sending", "scheduled"}:
             if in_process and time.monotonic() - last_tick > get_settings().tick_seconds:
