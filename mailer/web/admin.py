@@ -24,7 +24,7 @@ from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.models import AdminAction, Frequency, ImportJob, InboundKind, InboundMessage, Status
 from mailer.subscriptions import Choices, Origin
 from mailer.web import uploads
-from mailer.web.admin_auth import back, check_csrf, page, signed_in
+from mailer.web.admin_auth import back, check_csrf, not_found, page, signed_in
 from mailer.web.clients import client_ip
 from mailer.web.ids import BigId, BigMark, RowId, RowMark
 
@@ -82,8 +82,7 @@ def subscriber(request: Request, who: Who, subscriber_id: RowId) -> Response:
         try:
             view = console.subscriber_view(session, subscriber_id)
         except NotFound as missing:
-            return page(request, "admin/message.html", {"heading": "No such subscriber", "text": str(missing)},
-                        who=who, status_code=404)
+            return not_found(request, who, str(missing))
         chosen = {c.slug for c in view.subscriber.categories}
         categories = [(c.slug, c.name, c.slug in chosen) for c in store.categories(session)]
         return page(request, "admin/subscriber.html", {
@@ -166,8 +165,7 @@ def import_job(request: Request, who: Who, job_id: RowId) -> Response:
         try:
             report = imports.report(session, job_id)
         except NotFound as missing:
-            return page(request, "admin/message.html", {"heading": "No such import", "text": str(missing)},
-                        who=who, status_code=404)
+            return not_found(request, who, str(missing))
     return page(request, "admin/import_job.html", {"job": report}, who=who)
 
 
@@ -272,8 +270,7 @@ def outbox_message(request: Request, who: Who, key: str) -> Response:
     try:
         message = _outbox_message(key)
     except NotFound as missing:
-        return page(request, "admin/message.html", {"heading": "Not in the outbox", "text": str(missing)},
-                    who=who, status_code=404)
+        return not_found(request, who, str(missing))
     text = message.get_body(("plain",))
     headers = [(name, str(value)) for name, value in message.items()
                if name.lower() in {"from", "to", "subject", "date", "list-unsubscribe", "list-unsubscribe-post",
@@ -319,8 +316,6 @@ def inbound_message(request: Request, who: Who, inbound_id: BigId) -> Response:
     with session_scope() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None:
-            return page(request, "admin/message.html", {"heading": "Not found",
-                                                         "text": f"There is no inbound message {inbound_id}."},
-                        who=who, status_code=404)
+            return not_found(request, who, f"There is no inbound message {inbound_id}.")
         item = inbound.as_dict(row, raw=True)
     return page(request, "admin/inbound_message.html", {"m": item}, who=who)

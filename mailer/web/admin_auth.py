@@ -71,6 +71,11 @@ def page(request: Request, name: str, context: dict[str, Any], *, who: admins.Si
         status_code=status_code)
 
 
+def not_found(request: Request, who: admins.SignedIn, sentence: str) -> Response:
+    """A console page for something that is not there (a 404 with the sentence that says what)."""
+    return page(request, "admin/message.html", {"heading": "Not found", "text": sentence}, who=who, status_code=404)
+
+
 def back(path: str, note: str = "") -> RedirectResponse:
     """After a change: 303 to a page (Post/Redirect/Get), with a one-line note shown there."""
     from urllib.parse import quote

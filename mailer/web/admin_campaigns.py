@@ -18,7 +18,7 @@ from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.models import Delivery, DeliveryState, utcnow
 from mailer.subscriptions import normalize_email
 from mailer.web.admin import attempt, sandboxed
-from mailer.web.admin_auth import back, check_csrf, page, signed_in
+from mailer.web.admin_auth import back, check_csrf, not_found, page, signed_in
 from mailer.web.ids import BigMark, RowId, RowMark
 
 router = APIRouter(prefix="/admin/campaigns", include_in_schema=False)
@@ -71,8 +71,7 @@ def edit_form(request: Request, who: Who, campaign_id: RowId) -> Response:
             form = {"subject": c.subject, "format": "markdown" if c.markdown else "html",
                     "body": c.markdown or c.html, "text": c.text, "categories": list(c.categories)}
     except NotFound as missing:
-        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
-                    who=who, status_code=404)
+        return not_found(request, who, str(missing))
     return _form_page(request, who, form, action=f"/admin/campaigns/{campaign_id}/edit",
                       heading="Edit the campaign")
 
@@ -127,8 +126,7 @@ def detail(request: Request, who: Who, campaign_id: RowId, reader: str = "") -> 
             except InvalidInput as error:
                 preview, preview_error = None, error.message
     except NotFound as missing:
-        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
-                    who=who, status_code=404)
+        return not_found(request, who, str(missing))
     return page(request, "admin/campaign.html", {
         "c": line, "live": state, "preview": preview, "preview_error": preview_error, "reader": reader,
         "tz": get_settings().timezone}, who=who)
@@ -221,8 +219,7 @@ def deliveries(request: Request, who: Who, campaign_id: RowId, q: str = "", stat
                                         limit=PAGE)
             subject = campaigns.get(session, campaign_id).subject
     except NotFound as missing:
-        return page(request, "admin/message.html", {"heading": "No such campaign", "text": str(missing)},
-                    who=who, status_code=404)
+        return not_found(request, who, str(missing))
     return page(request, "admin/deliveries.html", {
         "rows": rows, "q": q, "state": state, "states": list(DeliveryState.__members__), "campaign_id": campaign_id,
         "subject": subject, "next_after": rows[-1].id if len(rows) == PAGE else None}, who=who)
