@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mailer import admins, exports, imports, store, subscriptions, suppressions
+from mailer.cli_campaigns import fail
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError
 from mailer.models import Status, utcnow
@@ -18,12 +19,6 @@ from mailer.subscriptions import Origin
 admin_app = typer.Typer(no_args_is_help=True, help="Admin console accounts.")
 subscribers_app = typer.Typer(no_args_is_help=True, help="Import, export, unsubscribe and erase subscribers.")
 suppressions_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
-
-
-def _fail(error: MailerError) -> typer.Exit:
-    message = f"{error.field}: {error.message}" if isinstance(error, InvalidInput) else str(error)
-    typer.secho(f"Error: {message}", fg="red", err=True)
-    return typer.Exit(1)
 
 
 @admin_app.command("create")
@@ -44,7 +39,7 @@ def create(
             else:
                 admins.create(session, email=email, password=password)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"{'New password set for' if reset else 'Admin created:'} {email.strip().lower()}. Sign in at /admin.")
 
 
@@ -65,7 +60,7 @@ def remove_admin(email: str) -> None:
         with session_scope() as session:
             admins.remove(session, email=email)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"Removed {email.strip().lower()}; their sessions are closed.")
 
 
@@ -89,7 +84,7 @@ def unsubscribe(email: str, reason: Annotated[str, typer.Option(help="Why; kept 
             subscriptions.unsubscribe(session, subscriber_id=subscriber_id, origin=Origin(channel="cli"))
             admins.record(session, actor="cli", action="unsubscribe", target=email.strip(), reason=reason)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"Unsubscribed {email.strip()}.")
 
 
@@ -108,7 +103,7 @@ def suppression_add(email: str, reason: Annotated[str, typer.Option(help="Why; k
         with session_scope() as session:
             suppressions.add(session, email=email, reason=reason, actor="cli")
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"{email.strip()} is suppressed.")
 
 
@@ -120,7 +115,7 @@ def suppression_remove(entry_id: int, reason: Annotated[str, typer.Option(help="
         with session_scope() as session:
             suppressions.remove(session, entry_id=entry_id, reason=reason, actor="cli")
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"Removed entry {entry_id}.")
 
 
@@ -152,7 +147,7 @@ def import_csv(
         with session_scope() as session:
             report = imports.report(session, job_id)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     counts = report.counts
     verb = "would add" if dry_run else "added"
     typer.echo(f"{report.processed} rows: {verb} {counts['added']}, updated {counts['updated']}, unchanged "
@@ -199,5 +194,5 @@ def erase(
             subscriptions.erase(session, subscriber_id=found.id, reason=reason, origin=Origin(channel="cli"))
             admins.record(session, actor="cli", action="erase", target=f"subscriber {found.id}", reason=reason)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     typer.echo(f"Erased subscriber {found.id}; the address stays on the suppression list as a hash.")

@@ -20,7 +20,8 @@ app = typer.Typer(no_args_is_help=True, help="Broadcast campaigns.")
 console = Console()
 
 
-def _fail(error: MailerError) -> typer.Exit:
+def fail(error: MailerError) -> typer.Exit:
+    """Print a deliberate error as one line naming the field, and return the exit to raise."""
     field = getattr(error, "field", None)
     prefix = f"{field}: " if field else ""
     typer.secho(f"Error: {prefix}{getattr(error, 'message', None) or error}", fg="red", err=True)
@@ -65,7 +66,7 @@ def create(
                                         text=_read(text, "text") if text else "", categories=category or [])
             campaign_id = campaign.id
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     console.print(f"Created campaign {campaign_id} (draft). Send it with: mailer campaign send {campaign_id} --wait")
 
 
@@ -101,7 +102,7 @@ def send(
         with session_scope() as session:
             started = campaigns.start(session, campaign_id)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     in_process = not get_settings().broker_url
     # Without a broker, loops started here would die with this command: only --wait keeps them running.
     if started and (wait or not in_process):
@@ -120,7 +121,7 @@ def status(campaign_id: int) -> None:
     try:
         _print(_show(campaign_id))
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
 
 
 def _move(campaign_id: int, action: str) -> None:
@@ -128,7 +129,7 @@ def _move(campaign_id: int, action: str) -> None:
         with session_scope() as session:
             moved = getattr(campaigns, action)(session, campaign_id)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     if moved and action == "resume":
         campaigns.kick(campaign_id)
     _print(_show(campaign_id))
@@ -161,7 +162,7 @@ def test(campaign_id: int, email: Annotated[list[str], typer.Option(help="Addres
         addresses = [normalize_email(address)[0] for address in email]
         results = campaigns.send_test_sync(campaign_id, addresses)
     except MailerError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     for address, result in results.items():
         colour = "green" if result.ok else "red"
         console.print(f"[{colour}]{address}: {result.code} {result.text}[/{colour}]")
