@@ -26,6 +26,7 @@ from mailer import admins, queue, store
 from mailer.categories import slugify
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, NotFound
+from mailer.exports import FORMULA_STARTS
 from mailer.models import (
     Category,
     ConsentEvent,
@@ -174,8 +175,6 @@ def _rows(content: str, skip: int) -> Iterator[tuple[int, dict[str, str]]]:
 
 def _unquote(cell: str) -> str:
     """Undo an export's guard against spreadsheet formulas ("'=…" back to "=…")."""
-    from mailer.exports import FORMULA_STARTS
-
     return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
 
 
