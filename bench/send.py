@@ -60,6 +60,9 @@ class Sink:
     def __init__(self) -> None:
         self.port = free_port()
         binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        if not Path(binary).exists():
+            raise SystemExit("smtp-sink is missing: install Debian's postfix package "
+                             "(apt-get install postfix) and run the benchmark again.")
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.process = subprocess.Popen([binary, *user, "-c", f"127.0.0.1:{self.port}", "1000"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,13 +133,19 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, peak
 
 
-def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen[bytes]]:
-    """Real `celery -A worker worker` processes, one task at a time each, as in production."""
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo", "--loglevel=WARNING",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ) for _ in range(count)]
+def start_workers(env: dict[str, str], count: int, logs: list[Path] | None = None) -> list[subprocess.Popen[bytes]]:
+    """Real `celery -A worker worker` processes, one task at a time each, as in production. With `logs`,
+    each worker's log goes to its file (at INFO) instead of nowhere."""
+    processes = []
+    for i in range(count):
+        log = logs[i].open("wb") if logs else subprocess.DEVNULL
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool=solo",
+             "--loglevel=INFO" if logs else "--loglevel=WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env={**os.environ, **env, **({"MAILER_LOG_LEVEL": "INFO"} if logs else {})},
+            stdout=log, stderr=subprocess.STDOUT if logs else subprocess.DEVNULL,
+        ))
     time.sleep(4)  # Let the workers connect before the clock starts.
     return processes
 

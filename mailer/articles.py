@@ -152,7 +152,8 @@ def ingest(session: Session, items: Iterable[Incoming], *, create_categories: bo
         url = clean_url(item.url)
         title = plain_text(item.title, MAX_TITLE)
         if url is None:
-            report.skipped.append((str(item.url)[:200], "no http(s) link"))
+            # An item without a link is named by its title, so the report says which one it was.
+            report.skipped.append((str(item.url)[:200] or repr(item.title[:80] or "untitled"), "no http(s) link"))
             continue
         if not title:
             report.skipped.append((url, "no title"))
@@ -199,6 +200,8 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
     """A JSON Feed (https://jsonfeed.org), a list of article objects, or one article object."""
     if isinstance(data, dict) and isinstance(data.get("items"), list):
         base = data.get("home_page_url") or data.get("feed_url")
+        if not data["items"]:
+            report.problems.append("the feed has no items")
         for entry in data["items"]:
             if not isinstance(entry, dict):
                 report.skipped.append(("?", "an item is not an object"))
@@ -217,6 +220,8 @@ def from_json(data: Any, report: Report) -> Iterator[Incoming]:
             )
         return
     entries = data if isinstance(data, list) else [data]
+    if not entries:
+        report.problems.append("the list has no articles")
     for entry in entries:
         if not isinstance(entry, dict):
             report.skipped.append(("?", "an item is not an object"))
@@ -239,6 +244,10 @@ def from_feed(content: bytes, report: Report, *, base: str | None = None) -> Ite
     import feedparser
 
     parsed = feedparser.parse(content, response_headers={"content-location": base} if base else None)
+    # feedparser flags harmless oddities (a missing or generic Content-Type, an encoding it overrode) the
+    # same way as broken XML; only the latter is worth reporting.
+    if parsed.bozo and isinstance(parsed.get("bozo_exception"), feedparser.ThingsNobodyCaresAboutButMe):
+        parsed["bozo"] = False
     if parsed.bozo and not parsed.entries:
         report.problems.append(f"the feed could not be read: {parsed.get('bozo_exception', 'malformed')}")
         return

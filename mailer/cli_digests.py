@@ -26,7 +26,9 @@ def _fetch(location: str) -> bytes:
         request = urllib.request.Request(location, headers={"User-Agent": "mailer/0.1 (+feed import)"})  # noqa: S310
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) checked above.
             return bytes(response.read(articles.MAX_FEED_BYTES + 1))
-    return Path(location).read_bytes()
+    # No more than the limit is read, so a huge file is reported, not loaded into memory.
+    with Path(location).open("rb") as file:
+        return file.read(articles.MAX_FEED_BYTES + 1)
 
 
 @articles_app.command("import")
@@ -65,16 +67,22 @@ def run(
     wait: Annotated[bool, typer.Option("--wait", help="Send from here and show progress.")] = False,
 ) -> None:
     """Build this period's digests now and start sending them (running it again does nothing twice)."""
-    result = digests.run(frequency)
-    if result.campaign_id is None:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=console, transient=True) as bar:
+        task = bar.add_task("finding readers with something new…")
+        results = digests.run_all(frequency, progress=lambda n: bar.update(
+            task, description=f"finding readers with something new… {n:,} so far"))
+    if not results:
         console.print("Nothing to do.")
         return
-    console.print(f"Digest run {result.campaign_id}: {result.readers} readers have something new"
-                  + ("." if result.started else " (this period's run already existed)."))
+    for result in results:
+        console.print(f"Digest run {result.campaign_id}: {result.readers:,} readers have something new"
+                      + ("." if result.started else " (this period's run already existed)."))
     if wait:
         from mailer.cli_campaigns import _wait
 
-        _wait(result.campaign_id)
+        for result in results:
+            assert result.campaign_id is not None
+            _wait(result.campaign_id)
     elif not get_settings().broker_url:
         queue.drain(timeout=0)
         console.print("No MAILER_BROKER_URL: a running `mailer serve` sends it, or add --wait.")

@@ -293,6 +293,11 @@ def prepare(render: Callable[[dict[str, Any]], Rendered], context: dict[str, Any
     )
 
 
+# Template renders made by this process, for the log line at the end of a send loop and for the
+# benchmarks' count: the whole point of rendering once per distinct content is that this stays small.
+renders_made = 0
+
+
 class Variants:
     """A mail's renders, made on first use: one for readers with a name and one for readers without."""
 
@@ -308,4 +313,6 @@ class Variants:
         if template is None:
             template = self.made[key] = prepare(self.render, self.context, with_name=key)
             self.renders += 1
+            global renders_made
+            renders_made += 1
         return template

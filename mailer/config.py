@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     list_id: str = ""
     unsubscribe_mailto: str = ""
     site_name: str = "Truth and Resistance"
+    # The news site itself, which mails link to for "and K more" in a category; empty: MAILER_BASE_URL.
+    site_url: str = ""
+    category_url: str = "{site_url}/category/{slug}"
 
     confirm_ttl_hours: float = Field(default=48.0, gt=0)
     send_welcome: bool = True
@@ -160,6 +163,22 @@ class Settings(BaseSettings):
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ValueError("must be an absolute http(s) URL such as https://news.example.org")
         return value.rstrip("/")
+
+    @field_validator("site_url")
+    @classmethod
+    def _site_url(cls, value: str) -> str:
+        return cls._base_url(value) if value else value
+
+    @field_validator("category_url")
+    @classmethod
+    def _category_url(cls, value: str) -> str:
+        try:
+            example = value.format(site_url="https://news.example.org", slug="peace-diplomacy")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("may use only {site_url} and {slug}, as in {site_url}/category/{slug}") from None
+        if urlsplit(example).scheme not in {"http", "https"}:
+            raise ValueError("must give an absolute http(s) URL, such as {site_url}/category/{slug}")
+        return value
 
     @field_validator("from_")
     @classmethod
@@ -328,6 +347,10 @@ class Settings(BaseSettings):
     @cached_property
     def smtp_urls(self) -> list[str]:
         return [part.strip() for part in self.smtp_url.split(",") if part.strip()]
+
+    def category_link(self, slug: str) -> str:
+        """The site's page for a category, where "and K more" in a digest leads."""
+        return self.category_url.format(site_url=self.site_url or self.base_url, slug=slug)
 
     @property
     def dkim_enabled(self) -> bool:

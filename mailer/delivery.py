@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from mailer import addresses, campaigns, digests, heartbeat, policy, queue, store, tokens
+from mailer import addresses, campaigns, compose, digests, heartbeat, policy, queue, store, tokens
 from mailer.compose import Reader, Variants
 from mailer.config import Settings, get_settings
 from mailer.db import session_scope
@@ -49,7 +49,6 @@ class Templates:
     def __init__(self) -> None:
         self.broadcast: Variants | None = None
         self.digests: OrderedDict[Content, Variants] = OrderedDict()
-        self.rendered = 0
 
     def load(self, session: Session, campaign: Campaign, jobs: list[Job]) -> list[Job]:
         """Attach each job's content (digests) and render what is new; jobs without content are dropped."""
@@ -68,7 +67,7 @@ class Templates:
                 self.digests.move_to_end(content)
             else:
                 variants = self.digests[content] = digests.render_content(
-                    session, content, zone=digests.zone_of(campaign.run_key))
+                    session, content, zone=digests.zone_of(campaign.run_key), day=campaign.created_at)
                 if len(self.digests) > self.KEEP:
                     self.digests.popitem(last=False)
             ready.append(Job(job.claim, job.reader, variants))
@@ -342,6 +341,8 @@ async def _run(campaign_id: int) -> bool:
         connections.give_back(permits)
     with session_scope() as session:
         campaigns.finish_if_done(session, campaign_id)
+    log.info("campaign %s: send loop stopped; this process has rendered %d templates in all",
+             campaign_id, compose.renders_made)
     return more
 
 

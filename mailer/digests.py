@@ -1,10 +1,12 @@
-"""Digest runs: a campaign of kind `digest` per frequency and period, one delivery per reader with
-something new, and the ledger (`digest_items`) of what each delivery carries.
+"""Digest runs: a campaign of kind `digest` per frequency, period and zone, one delivery per reader with
+something new, and the ledger (`digest_entries`, one row per delivery) of the articles it carries.
 
 Materialisation walks readers by id in batches and is safe to repeat: deliveries are unique per
-(campaign, reader) and ledger rows per (reader, article), so a run that failed halfway and is run
-again neither repeats an article nor sends a reader two digests. Readers with nothing new get no
-mail, and their cursor moves on.
+(campaign, reader), a reader's ledger row and cursor move in the same commit as their delivery, and
+the builder leaves out every article already in a reader's ledger. A run that failed halfway and is
+run again keeps the cutoff it began with, so it neither repeats an article nor sends a reader two
+digests nor skips what came in meanwhile. Readers with nothing new get no mail, and their cursor
+moves on.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ STALE_BUILD_MINUTES = 30
 
 def local(now: datetime, zone: str | None = None) -> datetime:
     return now.astimezone(ZoneInfo(zone or get_settings().timezone))
+
+
+def long_date(when: datetime, zone: str | None = None) -> str:
+    return local(when, zone).strftime("%A, %B %-d, %Y")
 
 
 def run_key(frequency: Frequency, now: datetime, zone: str | None = None) -> str:
@@ -271,17 +277,22 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
     with something new, and start it."""
     now = now or utcnow()
     key = run_key(frequency, now, zone)
-    cutoff = now - timedelta(seconds=get_settings().digest_grace_seconds)
     try:
         with session_scope() as session:
             campaign = session.scalars(select(Campaign).where(Campaign.run_key == key)).first()
             if campaign is None:
-                campaign = Campaign(kind=CampaignKind.digest, subject=f"{frequency.value} digest", html="",
+                where = f" ({zone})" if zone else ""
+                title = f"{frequency.value.capitalize()} digest, {long_date(now, zone)}{where}"
+                campaign = Campaign(kind=CampaignKind.digest, subject=title, html="",
                                     text="", categories=[], status=CampaignStatus.draft, status_reason="", total=0,
                                     run_key=key, created_at=now)
                 session.add(campaign)
                 session.flush()
             campaign_id, status, building = campaign.id, campaign.status, bool(campaign.building)
+            # A run carried on after a stop keeps the cutoff it began with: readers it already holds are
+            # planned again and skipped, and a later cutoff would move their cursors past articles that
+            # came in meanwhile, which no digest would then carry.
+            cutoff = campaign.created_at - timedelta(seconds=get_settings().digest_grace_seconds)
     except IntegrityError:
         # Another process made this period's run a moment ago; it carries on with it.
         return RunResult(None, 0, False)
@@ -317,6 +328,26 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
             with session_scope() as session:
                 campaigns.finish_building(session, campaign_id)
     return RunResult(campaign_id, total, started or building)
+
+
+def run_all(frequency: Frequency, *, progress: Callable[[int], None] | None = None) -> list[RunResult]:
+    """This period's runs for every zone readers chose (a manual run: `mailer digest run`, the API).
+    Each zone's run covers that zone's day or week, as the scheduled ones do."""
+    with session_scope() as session:
+        chosen = zones(session)
+    results: list[RunResult] = []
+    done = 0
+
+    def counted(n: int) -> None:
+        if progress:
+            progress(done + n)
+
+    for zone in chosen:
+        result = run(frequency, zone=zone, progress=counted)
+        done += result.readers
+        if result.campaign_id is not None:
+            results.append(result)
+    return results
 
 
 def preview(email: str) -> render.Rendered | None:
@@ -378,25 +409,27 @@ def zone_of(run_key: str | None) -> str | None:
     return parts[2] if len(parts) == 3 else None
 
 
-def render_content(session: Session, content: Content, *, zone: str | None = None) -> compose.Variants:
+def render_content(session: Session, content: Content, *, zone: str | None = None,
+                   day: datetime | None = None) -> compose.Variants:
     """The digest template for one distinct content, rendered on first use. Dates and times are
-    written in the readers' zone (a run holds the readers of one zone; None is the site's)."""
+    written in the readers' zone (a run holds the readers of one zone; None is the site's). The date
+    is the run's (`day`), so a digest retried the next morning still says which day it covers."""
     article_ids = [a for _, ids, _ in content.sections for a in ids]
     articles = {a.id: a for a in session.scalars(select(Article).where(Article.id.in_(article_ids)))}
     categories = {c.id: c for c in store.categories(session)}
-    base = get_settings().base_url
+    settings = get_settings()
     sections: list[dict[str, Any]] = []
     for category_id, ids, more in content.sections:
         category = categories.get(category_id) if category_id else None
         sections.append({
             "name": category.name if category else "More news",
-            "url": f"{base}/categories/{category.slug}" if category else base,
+            "url": settings.category_link(category.slug) if category else settings.site_url or settings.base_url,
             "articles": [_article(articles[i], zone) for i in ids if i in articles],
             "more": more,
         })
     top = sections[0]["articles"][0]["title"] if sections and sections[0]["articles"] else ""
     context: dict[str, Any] = {"sections": sections, "top_headline": top,
-                               "date": local(utcnow(), zone).strftime("%A, %B %-d, %Y")}
+                               "date": long_date(day or utcnow(), zone)}
 
     def rendered(markers: dict[str, Any]) -> render.Rendered:
         return render.render("digest", {**context, **markers})

@@ -36,8 +36,7 @@ def poll(url: str) -> articles.Report:
             request = urllib.request.Request(url, headers=headers)  # noqa: S310 - MAILER_FEEDS is http(s) only.
             with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
                 content = bytes(response.read(articles.MAX_FEED_BYTES + 1))
-                feed.etag = response.headers.get("ETag")
-                feed.last_modified = response.headers.get("Last-Modified")
+                etag, last_modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
         except urllib.error.HTTPError as error:
             if error.code == 304:
                 feed.status = "not modified"
@@ -51,7 +50,9 @@ def poll(url: str) -> articles.Report:
             report.problems.append(f"{url}: {error}")
             return report
         polled_at = feed.polled_at
-    # The feed's state is committed first, so a broken import cannot make it fail on every tick.
+    # The poll is committed first, so a broken import cannot make the feed fail on every tick. The
+    # validators are kept only once the import committed: after a crash the next poll fetches it all again
+    # instead of getting a 304 for items that never arrived.
     with session_scope() as session:
         articles.ingest(session, articles.read_source(content, report, base=url),
                         create_categories=settings.create_categories, report=report)
@@ -60,6 +61,7 @@ def poll(url: str) -> articles.Report:
         if stored is not None:
             stored.polled_at = polled_at
             stored.status = report.summary()[:500]
+            stored.etag, stored.last_modified = etag, last_modified
     log.info("feed %s: %s", url, report.summary())
     return report
 

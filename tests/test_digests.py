@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -15,8 +16,6 @@ from mailer.db import session_scope
 from mailer.models import Article, DigestEntry, Frequency, utcnow
 from tests.campaign_helpers import wait_until
 from tests.conftest import SmtpSink, make_readers
-
-FEEDS = Path(__file__).parent / "feeds"
 
 
 def add(admin: TestClient, *items: dict[str, object]) -> dict[str, object]:
@@ -138,14 +137,29 @@ def test_a_run_that_failed_halfway_is_finished_without_repeats(admin: TestClient
             digests.run(Frequency.daily)
     finally:
         digests._materialise = real  # type: ignore[assignment]
-    result = digests.run(Frequency.daily)
-    digests.READER_BATCH = original
+    # An article that arrives between the stop and the second try belongs to the next period, for every
+    # reader: those added before the stop as much as the others.
+    add(admin, article(2, "Peace & Diplomacy"))
+    try:
+        result = digests.run(Frequency.daily)
+    finally:
+        digests.READER_BATCH = original
     assert result.started
     wait_until(admin, result.campaign_id)
-    counts = {}
+    counts: dict[str, int] = {}
     for mail in smtp.wait_for(5):
         counts[mail.recipients[0]] = counts.get(mail.recipients[0], 0) + 1
+        assert "day 1" in mail.part("plain")
+        assert "day 2" not in mail.part("plain")
     assert counts == {f"r{i}@example.org": 1 for i in range(5)}
+    following = digests.run(Frequency.daily, now=utcnow() + timedelta(days=1))
+    assert following.readers == 5
+    wait_until(admin, following.campaign_id)
+    later = smtp.wait_for(10)[5:]
+    assert sorted(m.recipients[0] for m in later) == [f"r{i}@example.org" for i in range(5)]
+    for mail in later:
+        assert "day 2" in mail.part("plain")
+        assert "day 1" not in mail.part("plain")
 
 
 def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
@@ -220,14 +234,21 @@ def test_readers_get_their_digest_at_the_hour_in_their_own_zone(admin: TestClien
     tokyo_only = digests.due(tokyo_morning.replace(hour=7).astimezone(ZoneInfo("America/New_York"))
                              .replace(hour=6))
     assert tokyo_only == [(Frequency.daily, "Asia/Tokyo")]
+    # From here the test starts the run itself: the tick must not start one by the real clock's hour.
+    env(schedule_digests="false")
     result = digests.run(Frequency.daily, now=tokyo_morning, zone="Asia/Tokyo")
     wait_until(admin, result.campaign_id)
     [mail] = smtp.wait_for(1)
     assert mail.recipients == ["tokyo@example.org"]
-    # Dates and times are the reader's own: the day in Tokyo, and 22:30 UTC as 07:30 the next day there.
-    today_in_tokyo = datetime.now(ZoneInfo("Asia/Tokyo")).strftime("%A, %B %-d, %Y")
-    assert mail.message["Subject"].startswith(today_in_tokyo)
+    # Dates and times are the reader's own: the run's day in Tokyo (whenever the mail goes out), and
+    # 22:30 UTC as 07:30 the next day there.
+    assert mail.message["Subject"].startswith("Tuesday, December 1, 2026: ")
     assert "Dec 1, 07:30 JST" in mail.part("plain")
+    with session_scope() as session:
+        from mailer.models import Campaign
+
+        assert session.get(Campaign, result.campaign_id).subject == \
+            "Daily digest, Tuesday, December 1, 2026 (Asia/Tokyo)"
 
 
 def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:
@@ -320,3 +341,169 @@ def test_hostile_inputs_are_reported_not_raised(admin: TestClient) -> None:
     far = admin.post("/api/articles", json={**article(9), "published_at": "0001-01-01T00:00:00+01:00"})
     assert far.status_code == 201
     assert admin.post("/api/feeds", json={"url": "http://127.0.0.1:abc/x"}).status_code == 422
+
+
+def test_more_links_lead_to_the_site_and_personal_links_come_out_exact(admin: TestClient, smtp: SmtpSink,
+                                                                      env: Callable[..., None]) -> None:
+    """"and K more" leads to the site's category page; each reader's own links are exact in headers, HTML and text."""
+    import html
+
+    env(site_url="https://www.truthandresistance.example", digest_per_category="2")
+    [reader_id] = make_readers(1, prefix="links", categories=("us-russia-relations",))
+    add(admin, *[article(n, "U.S.–Russia Relations") for n in range(1, 6)])
+    result = admin.post("/api/digests/run", json={"frequency": "daily"}).json()
+    wait_until(admin, result["campaign_id"])
+    [mail] = smtp.wait_for(1)
+    text, body = mail.part("plain"), mail.part("html")
+    more = "https://www.truthandresistance.example/category/us-russia-relations"
+    assert f"and 3 more: {more}" in text
+    assert re.search(f'<a href="{re.escape(more)}"[^>]*>and 3 more in U.S.(–|&#8211;)Russia Relations</a>', body)
+    from mailer import tokens
+
+    own = tokens.urls(reader_id)
+    header = mail.message["List-Unsubscribe"]
+    assert f"<{own['unsubscribe_url']}>" in header
+    for url in (own["unsubscribe_url"], own["preferences_url"]):
+        assert url in text
+        assert f'href="{html.escape(url)}"' in body or f'href="{url}"' in body
+    # Nobody else's token, and no marker left behind, in either part.
+    assert len(set(re.findall(r"/unsubscribe/[^\s\"<>]+", text + body))) == 1
+    assert "\x00" not in text + body
+
+
+def test_a_returning_reader_does_not_get_the_backlog(admin: TestClient, smtp: SmtpSink, client: TestClient) -> None:
+    """A first digest covers one period; a reader who left and confirms again starts afresh, not with the backlog."""
+    from mailer.models import Subscriber
+
+    make_readers(1, prefix="back")
+    add(admin, article(1, "Peace & Diplomacy"), article(2, "Peace & Diplomacy"))
+    with session_scope() as session:
+        # Article 1 came in three days ago, before the first window of a daily reader.
+        session.execute(update(Article).where(Article.url.endswith("/1"))
+                        .values(ingested_at=utcnow() - timedelta(days=3)))
+    first = digests.run(Frequency.daily)
+    wait_until(admin, first.campaign_id)
+    [mail] = smtp.wait_for(1)
+    assert "day 2" in mail.part("plain")
+    assert "day 1" not in mail.part("plain")
+    smtp.clear()
+    # The reader leaves for a while; articles pile up; then they sign up and confirm again.
+    with session_scope() as session:
+        reader = session.scalars(select(Subscriber)).one()
+        reader.status = reader.status.__class__.unsubscribed
+        email = reader.email
+    tomorrow = utcnow() + timedelta(days=1)
+    add(admin, article(3, "Peace & Diplomacy"), article(4, "Peace & Diplomacy"))
+    with session_scope() as session:
+        session.execute(update(Article).where(Article.url.endswith("/3"))
+                        .values(ingested_at=tomorrow - timedelta(days=5)))
+        session.execute(update(Article).where(Article.url.endswith("/4"))
+                        .values(ingested_at=tomorrow - timedelta(hours=2)))
+    assert client.post("/subscribe", data={"email": email}).status_code == 200
+    queue.drain()
+    [confirmation] = smtp.wait_for(1)
+    link = re.search(r"https://news\.example\.org(/confirm/[^\s]+)", confirmation.part("plain"))
+    assert link is not None
+    assert client.post(link.group(1)).status_code == 200
+    queue.drain()
+    smtp.clear()
+    later = digests.run(Frequency.daily, now=tomorrow)
+    wait_until(admin, later.campaign_id)
+    [mail] = smtp.wait_for(1)
+    assert "day 4" in mail.part("plain")
+    assert "day 3" not in mail.part("plain")
+
+
+def test_cli_imports_a_feed_and_previews_a_digest(tmp_path: Path, env: Callable[..., None], backend: str,
+                                                  smtp: SmtpSink) -> None:
+    """`mailer articles import` reports new, updated, skipped and what was wrong; `mailer preview` records nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import base_env
+
+    settings = base_env(backend, smtp.port, tmp_path / "outbox")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+
+    def mailer(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mailer.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, check=False, env={**clean, **settings, **extra})
+
+    (tmp_path / "feed.xml").write_bytes(
+        b'<?xml version="1.0"?><rss version="2.0"><channel><title>Packet</title><link>https://p.example/</link>'
+        b"<item><title>Envoys meet &amp; talk</title><link>/a/1</link><category>Mars Affairs</category></item>"
+        b"<item><title>Ceasefire holds</title><link>https://p.example/a/2</link>"
+        b"<category>US-Russia relations</category></item>"
+        b"<item><title>No link at all</title></item><item><title>broken")
+    first = mailer("articles", "import", "feed.xml")
+    assert first.returncode == 0, first.stderr
+    assert "not well-formed" in first.stdout
+    assert "2 new, 0 updated, 2 skipped" in first.stdout.replace("\n", " ")
+    assert "skipped 'No link at all': no http(s) link" in first.stdout
+    created = mailer("articles", "import", "feed.xml", "--create-categories")
+    assert "0 new, 2 updated" in created.stdout.replace("\n", " ")
+    with session_scope() as session:
+        from mailer.models import Category
+
+        assert session.scalars(select(Category).where(Category.name == "Mars Affairs")).one()
+    (tmp_path / "empty.json").write_text("[]")
+    empty = mailer("articles", "import", "empty.json")
+    assert "the list has no articles" in empty.stdout
+    (tmp_path / "huge.xml").write_bytes(b"<rss>" + b" " * (21_000_000))
+    huge = mailer("articles", "import", "huge.xml")
+    assert "larger than 20 MB" in huge.stdout
+    missing = mailer("articles", "import", "nowhere.xml")
+    assert missing.returncode == 1
+    assert "cannot read nowhere.xml" in missing.stderr
+    make_readers(1, prefix="cli", categories=("us-russia-relations",))
+    shown = mailer("preview", "--email", "cli0@example.org")
+    assert shown.returncode == 0, shown.stderr
+    assert "Ceasefire holds" in shown.stdout
+    assert "Envoys meet" not in shown.stdout
+    out = mailer("preview", "--email", "cli0@example.org", "--out", "next.html")
+    assert "Ceasefire holds" in (tmp_path / "next.html").read_text()
+    assert out.returncode == 0
+    nobody = mailer("preview", "--email", "not an address")
+    assert nobody.returncode == 1
+    assert nobody.stderr.startswith("Error: email:")
+    assert "Traceback" not in first.stderr + shown.stderr + nobody.stderr + missing.stderr + huge.stderr
+    with session_scope() as session:
+        assert session.scalars(select(DigestEntry)).all() == []
+
+
+def test_feed_polling_honours_last_modified_and_reports_an_empty_feed(env: Callable[..., None]) -> None:
+    """A feed without an ETag is asked If-Modified-Since; a feed with no items says so in its status."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mailer import feeds
+
+    stamp = "Tue, 01 Dec 2026 06:00:00 GMT"
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("If-Modified-Since"))
+            if self.headers.get("If-Modified-Since") == stamp:
+                self.send_response(304)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Last-Modified", stamp)
+            self.end_headers()
+            self.wfile.write(b'<?xml version="1.0"?><rss version="2.0"><channel><title>Quiet</title></channel></rss>')
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/quiet.xml"
+        report = feeds.poll(url)
+        assert report.problems == ["the feed has no items"]
+        assert feeds.poll(url).problems == []
+        assert seen == [None, stamp]
+    finally:
+        server.shutdown()

@@ -40,10 +40,16 @@ class DigestRunIn(BaseModel):
     frequency: Frequency
 
 
-class DigestRunOut(BaseModel):
+class ZoneRunOut(BaseModel):
     campaign_id: int | None
     readers: int
     started: bool
+
+
+class DigestRunOut(ZoneRunOut):
+    """The site's zone's run first; `runs` holds one per time zone that readers chose."""
+
+    runs: list[ZoneRunOut]
 
 
 class PreviewOut(BaseModel):
@@ -67,8 +73,10 @@ def add_articles(body: ArticleIn | list[ArticleIn], create_categories: bool | No
 
 @router.post("/digests/run", status_code=202)
 def run_digest(body: DigestRunIn) -> DigestRunOut:
-    result = digests.run(body.frequency)
-    return DigestRunOut(campaign_id=result.campaign_id, readers=result.readers, started=result.started)
+    runs = [ZoneRunOut(campaign_id=r.campaign_id, readers=r.readers, started=r.started)
+            for r in digests.run_all(body.frequency)]
+    return DigestRunOut(campaign_id=runs[0].campaign_id if runs else None, readers=sum(r.readers for r in runs),
+                        started=any(r.started for r in runs), runs=runs)
 
 
 @router.get("/digests/preview")
