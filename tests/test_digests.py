@@ -177,6 +177,8 @@ def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
         stored = session.scalars(select(Article)).one()
         assert stored.url == "https://site.example/a/1"
         assert stored.title == "Café & talks"
+        # No date in the feed: the article is dated by when it came in, never by a guess.
+        assert stored.published_at is None
         assert [c.slug for c in stored.categories] == ["us-russia-relations"]
         assert "<script>" not in stored.summary
     assert len(report.skipped) == 1
@@ -189,6 +191,8 @@ def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
     shown = admin.get("/api/digests/preview", params={"email": "pv0@example.org"}).json()
     assert "Caf&#233; &amp; talks" in shown["html"]
     assert shown["subject"].endswith("Café & talks")
+    ingested = digests.local(utcnow()).strftime("%b %-d")
+    assert f"Café news, {ingested}" in shown["text"]
     with session_scope() as session:
         assert session.scalars(select(DigestEntry)).all() == []
     queue.drain()
