@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from mailer import campaigns, compose, store, tokens
+from mailer import campaigns, compose, digests, store, tokens
 from mailer.errors import InvalidInput, NotFound
 from mailer.models import (
     Campaign,
@@ -233,8 +233,6 @@ def preview(session: Session, campaign_id: int, *, subscriber_id: int | None = N
     campaign = session.get(Campaign, campaign_id)
     if campaign is None:
         raise NotFound(f"There is no campaign {campaign_id}.")
-    if campaign.kind is CampaignKind.digest:
-        raise InvalidInput("campaign", "A digest differs per reader; preview one with `mailer preview --email`.")
     reader = campaigns.SAMPLE_READER
     subscriber = None
     if subscriber_id is not None:
@@ -245,10 +243,28 @@ def preview(session: Session, campaign_id: int, *, subscriber_id: int | None = N
             raise InvalidInput("email", f"No subscriber has the address {email_address.strip()[:320]}.")
     if subscriber_id is not None and subscriber is None:
         raise NotFound(f"There is no subscriber {subscriber_id}.")
+    if campaign.kind is CampaignKind.digest:
+        # A digest differs per reader: show the one this run holds for them (the run's first reader's
+        # when none is chosen), exactly as the ledger says it was, or will be, sent.
+        found = session.execute(
+            select(Delivery.id, Delivery.subscriber_id).where(
+                Delivery.campaign_id == campaign_id,
+                *([Delivery.subscriber_id == subscriber.id] if subscriber is not None else []))
+            .order_by(Delivery.id).limit(1)).first()
+        if found is None:
+            raise InvalidInput("email", "That reader has no digest in this run." if subscriber is not None
+                               else "This run holds no digests yet.")
+        subscriber = subscriber or store.subscriber(session, found[1])
+        content = digests.contents(session, [found[0]]).get(found[0])
+        if subscriber is None or content is None:
+            raise InvalidInput("email", "That reader's digest in this run is no longer available.")
+        templates = digests.render_content(session, content, zone=digests.zone_of(campaign.run_key),
+                                           day=campaign.created_at)
+    else:
+        templates = campaigns.message_templates(campaign)
     if subscriber is not None:
         reader = compose.Reader(email=subscriber.email, name=subscriber.name, **tokens.urls(subscriber.id))
-    data = campaigns.message_templates(campaign).for_reader(reader).personalise(
-        reader, message_id=f"<preview.{campaign_id}@preview.invalid>")
+    data = templates.for_reader(reader).personalise(reader, message_id=f"<preview.{campaign_id}@preview.invalid>")
     message = email.message_from_bytes(data, policy=email.policy.default)
     html_part = message.get_body(("html",))
     text_part = message.get_body(("plain",))

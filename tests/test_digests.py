@@ -511,3 +511,27 @@ def test_feed_polling_honours_last_modified_and_reports_an_empty_feed(env: Calla
         assert seen == [None, stamp]
     finally:
         server.shutdown()
+
+
+def test_a_digest_run_previews_what_each_reader_got(admin: TestClient, smtp: SmtpSink) -> None:
+    """A digest run's preview shows the chosen reader's own digest from the ledger; a reader not in it is a 4xx."""
+    make_readers(1, prefix="russia", categories=("us-russia-relations",))
+    make_readers(1, prefix="nato", categories=("us-nato-relations",))
+    make_readers(1, prefix="idle", categories=("petitions-and-actions",))
+    add(admin, article(1, "U.S.–Russia Relations"), article(2, "U.S.–NATO Relations"))
+    result = admin.post("/api/digests/run", json={"frequency": "daily"}).json()
+    wait_until(admin, result["campaign_id"])
+    preview = f"/api/campaigns/{result['campaign_id']}/preview"
+    russia = admin.get(preview, params={"email": "russia0@example.org"}).json()
+    assert "day 1" in russia["text"]
+    assert "day 2" not in russia["text"]
+    assert russia["to"] == "russia0@example.org"
+    nato = admin.get(preview, params={"email": "nato0@example.org"}).json()
+    assert "day 2" in nato["text"]
+    assert "day 1" not in nato["text"]
+    idle = admin.get(preview, params={"email": "idle0@example.org"})
+    assert idle.status_code == 422
+    assert "no digest in this run" in idle.text
+    listed = admin.get("/api/campaigns").json()
+    assert any(c["subject"].startswith("Daily digest, ") for c in (listed["campaigns"] if isinstance(listed, dict)
+                                                                   else listed))
