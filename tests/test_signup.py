@@ -220,8 +220,9 @@ def test_no_header_injection_through_the_name(client: TestClient, smtp: SmtpSink
     assert names.count(b"subject") == 1
     assert b"\x00" not in headers
     assert b"\x1b" not in headers
-    to = str(mail.message["To"])
-    assert to.startswith('"Eve ') or to.startswith("Eve ")
+    # A confirmation carries no typed name at all (notices.py); the welcome and campaign tests below cover
+    # the mails that do.
+    assert str(mail.message["To"]) == "eve@example.org"
     assert "\n" not in subscriber_row("eve@example.org").name
 
 
