@@ -145,6 +145,30 @@ def test_expired_confirm_link_offers_a_fresh_mail(client: TestClient, smtp: Smtp
     assert subscriber_row("late@example.org").status is Status.confirmed
 
 
+def test_old_confirm_link_of_a_confirmed_reader_says_already_subscribed(
+        client: TestClient, smtp: SmtpSink, env: Callable[..., None]) -> None:
+    """An expired confirm link of a reader who has since confirmed shows "already subscribed" (GET, HEAD,
+    POST and resend alike), offers no fresh mail and changes nothing."""
+    sign_up(client, "early@example.org")
+    link = confirm_link(smtp.wait_for(1)[0])
+    assert client.post(link).status_code == 200
+    queue.drain()
+    env(confirm_ttl_hours=str(1 / 3600), confirm_resend_minutes="0")
+    time.sleep(2.1)
+    before = snapshot()
+    for method, path in (("GET", link), ("HEAD", link), ("POST", link), ("POST", f"{link}/resend")):
+        response = client.request(method, path)
+        assert response.status_code == 200, (method, path, response.status_code)
+        if method != "HEAD":
+            assert "already subscribed" in response.text, (method, path)
+            assert "expired" not in response.text
+            assert "new link" not in response.text
+    queue.drain()
+    assert snapshot() == before
+    assert subscriber_row("early@example.org").status is Status.confirmed
+    assert len(smtp.messages) == 2
+
+
 def test_confirm_link_works_once(client: TestClient, smtp: SmtpSink) -> None:
     """A second POST of a used link confirms nothing new and sends no second welcome."""
     sign_up(client, "once@example.org")
