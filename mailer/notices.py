@@ -37,7 +37,8 @@ def _context(subscriber: Subscriber, kind: NoticeKind) -> dict[str, Any]:
         **tokens.urls(subscriber.id),
     }
     if kind is NoticeKind.confirm:
-        # Whoever signed the address up typed the name: a stranger's words never go into this mail.
+        # Whoever signed the address up typed the name: a stranger's words never go into this mail,
+        # neither its body nor its To header (which takes the name from this context).
         context["name"] = ""
         assert subscriber.confirm_nonce is not None
         token = tokens.confirm_token(subscriber.id, subscriber.confirm_nonce)
@@ -102,7 +103,7 @@ def _send_claimed(notice_id: int) -> str:
         headers = {} if notice.kind is NoticeKind.confirm else render.list_headers(
             unsubscribe_url=context["unsubscribe_url"], mailto=context["unsubscribe_mailto"])
         message = render.build_message(
-            render.render(notice.kind.value, context), to_email=subscriber.email, to_name=subscriber.name,
+            render.render(notice.kind.value, context), to_email=subscriber.email, to_name=context["name"],
             headers=headers,
         )
         # Each notice has its own return path, so a bounce of it names the notice (and so its reader).

@@ -3,8 +3,9 @@
 Two kinds, both HMAC-signed with a key derived from MAILER_SECRET_KEY and the purpose, and both
 checked in constant time, so a token made for one purpose never verifies as another:
 
-* Timed tokens (confirm, csrf) are itsdangerous signatures over a small JSON payload with a time.
+* Timed tokens (confirm, csrf, login) are itsdangerous signatures over a small JSON payload with a time.
   Confirm tokens carry a nonce that the subscriber row keeps until confirmation, so they work once.
+  The admin sign-in form's token is bound to a pre-session cookie instead of a subscriber.
 * Link tokens (unsubscribe, preferences) never expire and go into every mail, so they are made on
   the sending hot path: `<id>.<HMAC-SHA256 truncated to 128 bits>`, base64url, a few microseconds
   each (itsdangerous takes about 40). The same reader always gets the same link.
@@ -31,6 +32,7 @@ class Purpose(enum.StrEnum):
     unsubscribe = "unsubscribe"
     preferences = "preferences"
     csrf = "csrf"
+    login = "login"
 
 
 # Links that never expire carry no time, so a reader's unsubscribe link is the same in every mail.
@@ -139,6 +141,26 @@ def check_csrf(token: str, subscriber_id: int) -> None:
     payload = read(Purpose.csrf, token, max_age=24 * 3600)
     if payload[0] != subscriber_id:
         raise BadToken("This form does not belong to this subscription; reload the page and try again.")
+
+
+def _login_binding(nonce: str) -> str:
+    # The page carries a digest of the cookie, not the cookie itself.
+    return hashlib.sha256(nonce.encode()).hexdigest()[:32]
+
+
+def login_form_token(nonce: str) -> str:
+    """The admin sign-in form's CSRF token, bound to the browser's pre-session cookie `nonce`."""
+    return _serializer(Purpose.login).dumps(_login_binding(nonce))
+
+
+def check_login_form_token(token: str, nonce: str, *, max_age: float) -> None:
+    """Raise BadToken unless `token` came from our sign-in form, for this cookie, within `max_age` seconds."""
+    try:
+        bound = _serializer(Purpose.login).loads(token, max_age=max(1, round(max_age)))
+    except (BadSignature, UnicodeError, ValueError):
+        raise BadToken("This sign-in form has expired or did not come from this site.") from None
+    if not nonce or not isinstance(bound, str) or not hmac.compare_digest(bound, _login_binding(nonce)):
+        raise BadToken("This sign-in form has expired or did not come from this site.")
 
 
 def urls(subscriber_id: int) -> dict[str, str]:

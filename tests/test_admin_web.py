@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -27,13 +28,20 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
+def sign_in(browser: TestClient, email: str = EMAIL, password: str = PASSWORD, *, follow_redirects: bool = True,
+            **fields: str) -> httpx.Response:
+    """Sign in as a browser does: fetch the form (and its pre-session cookie), then post it with its token."""
+    token = csrf_of(browser.get("/admin/login").text)
+    return browser.post("/admin/login", data={"email": email, "password": password, "csrf_token": token, **fields},
+                        follow_redirects=follow_redirects)
+
+
 @pytest.fixture
 def console(env: Callable[..., None]) -> Iterator[TestClient]:
     """A browser signed in to the console."""
     make_admin()
     with TestClient(create_app(), base_url="https://news.example.org") as browser:
-        signed = browser.post("/admin/login", data={"email": EMAIL, "password": PASSWORD, "next": "/admin"},
-                              follow_redirects=False)
+        signed = sign_in(browser, next="/admin", follow_redirects=False)
         assert signed.status_code == 303
         yield browser
 
@@ -45,41 +53,70 @@ def test_console_needs_sign_in_and_locks_out_after_wrong_passwords(client: TestC
     away = client.get("/admin/subscribers", follow_redirects=False)
     assert away.status_code == 303
     assert away.headers["location"] == "/admin/login?next=/admin/subscribers"
-    unknown = client.post("/admin/login", data={"email": "nobody@example.org", "password": "x" * 12})
+    unknown = sign_in(client, "nobody@example.org", "x" * 12)
     assert unknown.status_code == 401
     refusal = "Those details did not work."
     assert refusal in unknown.text
     for _ in range(5):
-        wrong = client.post("/admin/login", data={"email": EMAIL, "password": "wrong password"})
+        wrong = sign_in(client, EMAIL, "wrong password")
         assert wrong.status_code == 401
         assert refusal in wrong.text
-    blocked = client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
+    blocked = sign_in(client)
     assert blocked.status_code == 401
     assert refusal in blocked.text, "the same words as a wrong password: nothing says the account exists"
     assert "mailer_admin" not in client.cookies
     # The admin at another address is not locked out by a stranger's guesses.
     with TestClient(create_app(), base_url="https://news.example.org", client=("203.0.113.7", 4000)) as elsewhere:
-        assert elsewhere.post("/admin/login", data={"email": EMAIL, "password": PASSWORD}).status_code == 200
+        assert sign_in(elsewhere).status_code == 200
         assert "mailer_admin" in elsewhere.cookies
     # Many failures from many addresses lock the account itself, for everyone.
     for n in range(admins.MAX_FAILURES):
         with TestClient(create_app(), base_url="https://news.example.org", client=(f"198.51.100.{n}", 4000)) as guesser:
-            guesser.post("/admin/login", data={"email": EMAIL, "password": "wrong password"})
+            sign_in(guesser, EMAIL, "wrong password")
     with TestClient(create_app(), base_url="https://news.example.org", client=("203.0.113.8", 4000)) as owner:
-        assert owner.post("/admin/login", data={"email": EMAIL, "password": PASSWORD}).status_code == 401
+        assert sign_in(owner).status_code == 401
 
 
 def test_sign_in_sets_a_guarded_cookie_and_an_open_redirect_is_refused(client: TestClient) -> None:
     """The session cookie is HttpOnly, SameSite and Secure on https; `next` only leads inside /admin."""
     make_admin()
-    signed = client.post("/admin/login", data={"email": EMAIL.upper(), "password": PASSWORD,
-                                               "next": "//evil.example/admin"}, follow_redirects=False)
+    signed = sign_in(client, EMAIL.upper(), next="//evil.example/admin", follow_redirects=False)
     assert signed.status_code == 303
     assert signed.headers["location"] == "/admin"
-    cookie = signed.headers["set-cookie"].lower()
+    cookie = next(c for c in signed.headers.get_list("set-cookie") if c.startswith("mailer_admin=")).lower()
     assert "httponly" in cookie
     assert "samesite=lax" in cookie
     assert "secure" in cookie
+    assert client.get("/admin").status_code == 200
+
+
+def test_sign_in_without_the_form_token_is_refused_and_counts_nothing(client: TestClient) -> None:
+    """A sign-in POST without the form's token, or with a token made for another browser's cookie (login CSRF),
+    gets a 400 page with a sentence, signs nobody in and counts no failure."""
+    make_admin()
+    with TestClient(create_app(), base_url="https://news.example.org", client=("203.0.113.9", 4000)) as attacker:
+        foreign = csrf_of(attacker.get("/admin/login").text)
+    refusals = [client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD}, follow_redirects=False),
+                client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD, "csrf_token": foreign},
+                            follow_redirects=False)]
+    client.get("/admin/login")
+    refusals.append(client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD, "csrf_token": foreign},
+                                follow_redirects=False))
+    # More forged attempts with a wrong password than the lock-out allows: none of them may count.
+    for _ in range(admins.MAX_FAILURES + 1):
+        refusals.append(client.post("/admin/login", data={"email": EMAIL, "password": "wrong password",
+                                                          "csrf_token": "garbage"}, follow_redirects=False))
+    for refused in refusals:
+        assert refused.status_code == 400
+        assert "did not come from this site" in refused.text
+        assert "mailer_admin" not in refused.headers.get("set-cookie", "")
+    assert "mailer_admin" not in client.cookies
+    assert client.get("/admin", follow_redirects=False).status_code == 303
+    # The refusal page carries a good form: the real admin signs in from it at once, unhindered.
+    token = csrf_of(refusals[-1].text)
+    signed = client.post("/admin/login", data={"email": EMAIL, "password": PASSWORD, "csrf_token": token},
+                         follow_redirects=False)
+    assert signed.status_code == 303
     assert client.get("/admin").status_code == 200
 
 
@@ -180,7 +217,7 @@ def test_outbox_shows_what_readers_get(env: Callable[..., None]) -> None:
     env(smtp_url="")
     make_admin()
     with TestClient(create_app(), base_url="https://news.example.org") as browser:
-        browser.post("/admin/login", data={"email": EMAIL, "password": PASSWORD})
+        sign_in(browser)
         browser.post("/subscribe", data={"email": "newcomer@example.org", "name": "New"})
         queue.drain()
         listing = browser.get("/admin/outbox")

@@ -73,6 +73,57 @@ def test_tampered_garbage_and_foreign_tokens_get_400_never_500(client: TestClien
     assert snapshot() == before
 
 
+def test_real_tokens_of_another_purpose_get_400_and_change_nothing(client: TestClient, smtp: SmtpSink) -> None:
+    """A well-formed, correctly signed token made for one page is refused on every other page, by GET, HEAD
+    and POST, with a 400 or 404 page and no change: the signing key is bound to the purpose."""
+    sign_up(client, "pending@example.org")
+    pending = subscriber_row("pending@example.org").id
+    pending_confirm = confirm_link(smtp.wait_for(1)[0]).rsplit("/", 1)[1]
+    sign_up(client, "reader@example.org")
+    client.post(confirm_link(smtp.wait_for(2)[1]))
+    queue.drain()
+    reader = subscriber_row("reader@example.org").id
+    # Each case would change something if the purpose were not checked: unsubscribe a reader, confirm the
+    # pending one, or save a reader's preferences (the POST carries that reader's own CSRF token).
+    cases = [
+        ("unsubscribe", tokens.preferences_token(reader)),
+        ("unsubscribe", tokens.preferences_token(pending)),
+        ("unsubscribe", pending_confirm),
+        ("confirm", tokens.preferences_token(pending)),
+        ("confirm", tokens.unsubscribe_token(pending)),
+        ("preferences", tokens.unsubscribe_token(reader)),
+        ("preferences", pending_confirm),
+    ]
+    before = snapshot()
+    for path, token in cases:
+        subscriber_id = pending if token == pending_confirm else int(token.split(".")[0])
+        form = {"csrf_token": tokens.csrf_token(subscriber_id), "name": "Mallory", "frequency": "weekly"}
+        for method in ("GET", "HEAD", "POST"):
+            response = client.request(method, f"/{path}/{token}", data=form if method == "POST" else None)
+            assert response.status_code in {400, 404}, (method, path, token, response.status_code)
+            if method != "HEAD":
+                assert "not valid" in response.text, (method, path, token)
+    assert snapshot() == before
+    assert subscriber_row("reader@example.org").status is Status.confirmed
+    assert subscriber_row("pending@example.org").status is Status.pending
+    assert len(smtp.messages) == 3
+
+
+def test_resend_with_a_bad_token_gets_a_400_page(client: TestClient, smtp: SmtpSink) -> None:
+    """`POST /confirm/{token}/resend` with garbage or a token of another purpose answers a 400 page and
+    sends nothing."""
+    sign_up(client, "resend@example.org")
+    subscriber_id = subscriber_row("resend@example.org").id
+    before = snapshot()
+    for token in ("garbage", tokens.preferences_token(subscriber_id), tokens.csrf_token(subscriber_id)):
+        response = client.post(f"/confirm/{token}/resend")
+        assert response.status_code == 400, (token, response.status_code)
+        assert "not valid" in response.text
+    queue.drain()
+    assert snapshot() == before
+    assert len(smtp.messages) == 1
+
+
 def test_expired_confirm_link_offers_a_fresh_mail(client: TestClient, smtp: SmtpSink,
                                                   env: Callable[..., None]) -> None:
     """After its lifetime a confirm link confirms nothing and offers a new mail, which works."""
@@ -92,6 +143,30 @@ def test_expired_confirm_link_offers_a_fresh_mail(client: TestClient, smtp: Smtp
     fresh = smtp.wait_for(2)[1]
     assert client.post(confirm_link(fresh)).status_code == 200
     assert subscriber_row("late@example.org").status is Status.confirmed
+
+
+def test_old_confirm_link_of_a_confirmed_reader_says_already_subscribed(
+        client: TestClient, smtp: SmtpSink, env: Callable[..., None]) -> None:
+    """An expired confirm link of a reader who has since confirmed shows "already subscribed" (GET, HEAD,
+    POST and resend alike), offers no fresh mail and changes nothing."""
+    sign_up(client, "early@example.org")
+    link = confirm_link(smtp.wait_for(1)[0])
+    assert client.post(link).status_code == 200
+    queue.drain()
+    env(confirm_ttl_hours=str(1 / 3600), confirm_resend_minutes="0")
+    time.sleep(2.1)
+    before = snapshot()
+    for method, path in (("GET", link), ("HEAD", link), ("POST", link), ("POST", f"{link}/resend")):
+        response = client.request(method, path)
+        assert response.status_code == 200, (method, path, response.status_code)
+        if method != "HEAD":
+            assert "already subscribed" in response.text, (method, path)
+            assert "expired" not in response.text
+            assert "new link" not in response.text
+    queue.drain()
+    assert snapshot() == before
+    assert subscriber_row("early@example.org").status is Status.confirmed
+    assert len(smtp.messages) == 2
 
 
 def test_confirm_link_works_once(client: TestClient, smtp: SmtpSink) -> None:

@@ -2,11 +2,14 @@
 
 The cookie is HttpOnly and SameSite=Lax, Secure when the site is on https. Every POST of the console
 carries the session's CSRF token in a hidden field, compared in constant time; a POST without it is
-refused before anything changes.
+refused before anything changes. The sign-in form comes before any session, so its token is signed
+and bound to a short-lived pre-session cookie instead (signed double submit): another site cannot
+sign a browser in to an account of its choosing (login CSRF).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,13 +18,16 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from mailer import TEMPLATES_DIR, admins
+from mailer import TEMPLATES_DIR, admins, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
-from mailer.errors import LoginRefused
+from mailer.errors import BadToken, LoginRefused
 from mailer.web.clients import allow_login, client_ip, login_blocked, record_login_failure
 
 COOKIE = "mailer_admin"
+LOGIN_COOKIE = "mailer_login"
+# Long enough to type a password, short enough that a form left open for a day must be reloaded.
+LOGIN_FORM_SECONDS = 3600
 templates = Jinja2Templates(directory=TEMPLATES_DIR / "web")
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
@@ -103,19 +109,47 @@ def _safe_next(target: str) -> str:
         else "/admin"
 
 
+def _secure() -> bool:
+    return get_settings().base_url.startswith("https://")
+
+
+def _login_page(request: Request, *, target: str, error: str = "", email: str = "",
+                status_code: int = 200) -> Response:
+    """The sign-in form, with a CSRF token bound to the browser's pre-session cookie (set or renewed here)."""
+    nonce = request.cookies.get(LOGIN_COOKIE, "")
+    if not 16 <= len(nonce) <= 64 or not nonce.replace("-", "").replace("_", "").isalnum():
+        nonce = secrets.token_urlsafe(18)
+    response = page(request, "admin/login.html", {"next": target, "error": error, "email": email[:320],
+                                                  "csrf": tokens.login_form_token(nonce)},
+                    who=None, status_code=status_code)
+    # Renewed with every form shown, so the cookie outlives the token the form carries.
+    response.set_cookie(LOGIN_COOKIE, nonce, max_age=LOGIN_FORM_SECONDS, httponly=True, samesite="lax",
+                        secure=_secure(), path="/admin")
+    return response
+
+
 @router.get("/login")
 def login_form(request: Request, next: str = "/admin") -> Response:
-    return page(request, "admin/login.html", {"next": _safe_next(next), "error": ""}, who=None)
+    return _login_page(request, target=_safe_next(next))
 
 
 @router.post("/login")
 def login(request: Request, email: str = Form(""), password: str = Form(""),
-          next: str = Form("/admin")) -> Response:
+          next: str = Form("/admin"), csrf_token: str = Form("")) -> Response:
     target = _safe_next(next)
+    try:
+        tokens.check_login_form_token(csrf_token, request.cookies.get(LOGIN_COOKIE, ""),
+                                      max_age=LOGIN_FORM_SECONDS)
+    except BadToken:
+        # Checked before anything else and counted nowhere: without our own form no password is looked at,
+        # so a forged POST can neither sign anyone in nor lock an account out.
+        return _login_page(request, target=target, email=email, status_code=400,
+                           error="This sign-in form has expired or did not come from this site. "
+                                 "Please sign in again.")
     ip = client_ip(request)
     if not allow_login(ip):
-        return page(request, "admin/login.html", {"next": target, "error": "Too many sign-in attempts from "
-                    "your address; wait a minute and try again."}, who=None, status_code=429)
+        return _login_page(request, target=target, status_code=429,
+                           error="Too many sign-in attempts from your address; wait a minute and try again.")
     try:
         if login_blocked(email, ip):
             admins.check_password_timing(password)
@@ -125,11 +159,12 @@ def login(request: Request, email: str = Form(""), password: str = Form(""),
             token = admins.open_session(session, admin)
     except LoginRefused as refused:
         record_login_failure(email, ip)
-        return page(request, "admin/login.html", {"next": target, "error": str(refused), "email": email[:320]},
-                    who=None, status_code=401)
+        return _login_page(request, target=target, error=str(refused), email=email, status_code=401)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, token, max_age=admins.SESSION_HOURS * 3600, httponly=True, samesite="lax",
-                        secure=get_settings().base_url.startswith("https://"), path="/admin")
+                        secure=_secure(), path="/admin")
+    # The pre-session cookie has done its work; the next sign-in gets a new one.
+    response.delete_cookie(LOGIN_COOKIE, path="/admin")
     return response
 
 

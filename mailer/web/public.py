@@ -170,20 +170,28 @@ def token_error_page(request: Request, error: Exception) -> Response:
                    ["The link may have been copied incompletely. Please use the link from your latest mail."], 400)
 
 
+def _is_confirmed(subscriber_id: int) -> bool:
+    with session_scope() as session:
+        subscriber = store.subscriber(session, subscriber_id)
+        return subscriber is not None and subscriber.status == Status.confirmed
+
+
+def _already_confirmed(request: Request) -> Response:
+    return message(request, "You are already subscribed", ["Your subscription is confirmed. Nothing more to do."])
+
+
 def _confirm_problem(request: Request, token: str, error: Exception) -> Response:
     """The page for a confirm link that cannot confirm: expired, used, or broken."""
+    # The reader's state comes before the link's age: an old link of a confirmed reader must not offer
+    # a fresh mail, which would never come.
+    if isinstance(error, ExpiredToken | UsedToken) and _is_confirmed(error.subscriber_id):
+        return _already_confirmed(request)
     if isinstance(error, ExpiredToken):
         return message(request, "This link has expired",
                        ["Confirmation links work for a limited time. We can send you a fresh one."], 410,
                        action=f"{get_settings().base_url}/confirm/{token}/resend",
                        action_label="Send me a new link")
     if isinstance(error, UsedToken):
-        with session_scope() as session:
-            subscriber = store.subscriber(session, error.subscriber_id)
-            confirmed = subscriber is not None and subscriber.status == Status.confirmed
-        if confirmed:
-            return message(request, "You are already subscribed",
-                           ["Your subscription is confirmed. Nothing more to do."])
         return message(request, "This link is no longer valid",
                        ["It was already used or replaced by a newer one. Please sign up again."], 400)
     return token_error_page(request, error)
@@ -227,6 +235,8 @@ def resend(request: Request, token: str) -> Response:
         subscriber_id = tokens.read(tokens.Purpose.confirm, token)[0]
     except BadToken as error:
         return token_error_page(request, error)
+    if _is_confirmed(subscriber_id):
+        return _already_confirmed(request)
     with session_scope() as session:
         notice = subscriptions.resend_confirmation(session, subscriber_id=subscriber_id,
                                                    origin=origin(request, "confirm-page"))
