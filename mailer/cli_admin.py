@@ -1,23 +1,26 @@
-"""`mailer admin …` (console accounts) and `mailer subscribers import|export|erase`."""
+"""`mailer admin …` (console accounts), `mailer subscribers search|show|import|export|unsubscribe|erase`
+and `mailer suppressions …`."""
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mailer import admins, exports, imports, store, subscriptions, suppressions
-from mailer.cli_campaigns import fail
+from mailer import admins, console, exports, imports, store, subscriptions, suppressions
+from mailer.cli_campaigns import fail, table
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError
 from mailer.models import Status, utcnow
 from mailer.subscriptions import Origin
 
 admin_app = typer.Typer(no_args_is_help=True, help="Admin console accounts.")
-subscribers_app = typer.Typer(no_args_is_help=True, help="Import, export, unsubscribe and erase subscribers.")
+subscribers_app = typer.Typer(no_args_is_help=True,
+                              help="Search, show, import, export, unsubscribe and erase subscribers.")
 suppressions_app = typer.Typer(no_args_is_help=True, help="The suppression list.")
 
 
@@ -71,6 +74,70 @@ def _subscriber_id(email: str) -> int:
         if found is None:
             raise InvalidInput("email", f"No subscriber has the address {email.strip()}.")
         return found.id
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M") if moment else ""
+
+
+@subscribers_app.command("search")
+def search(
+    query: Annotated[str, typer.Argument(help="Part of the address or the name; empty lists everyone.")] = "",
+    status: Annotated[str | None, typer.Option(help="Only subscribers with this status.")] = None,
+    after: Annotated[int, typer.Option(help="Start after this subscriber id (to page on).", min=0)] = 0,
+    limit: Annotated[int, typer.Option(help="How many to show.", min=1, max=10_000)] = 50,
+) -> None:
+    """Find subscribers by address or name, as the console's search does (erased ones are left out)."""
+    try:
+        if status is not None and status not in Status.__members__:
+            raise InvalidInput("--status", f"Use one of {', '.join(Status.__members__)}.")
+        with session_scope() as session:
+            rows = [(s.id, s.email, s.name, s.status.value, s.frequency.value,
+                     ", ".join(c.slug for c in s.categories) or "(all)")
+                    for s in store.find_subscribers(session, query=query, status=Status(status) if status else None,
+                                                    after_id=after, limit=limit)]
+    except MailerError as error:
+        raise fail(error) from None
+    if not rows:
+        typer.echo("Nobody matches.")
+        return
+    table(["id", "address", "name", "status", "frequency", "categories"], rows)
+    if len(rows) == limit:
+        typer.echo(f"More: add --after {rows[-1][0]}.")
+
+
+@subscribers_app.command("show")
+def show(email: str) -> None:
+    """One subscriber: status, categories, frequency, consent history and recent deliveries."""
+    try:
+        subscriber_id = _subscriber_id(email)
+        with session_scope() as session:
+            view = console.subscriber_view(session, subscriber_id)
+            s = view.subscriber
+            typer.echo(f"{s.email} (subscriber {s.id}){'  ' + s.name if s.name else ''}")
+            typer.echo(f"  status {s.status.value}; frequency {s.frequency.value}; time zone "
+                       f"{s.timezone or 'the site’s'}")
+            typer.echo(f"  categories: {', '.join(c.name for c in s.categories) or 'all'}")
+            typer.echo(f"  joined {_when(s.created_at)} UTC" + (f"; confirmed {_when(s.confirmed_at)}"
+                                                                 if s.confirmed_at else "")
+                       + (f"; unsubscribed {_when(s.unsubscribed_at)}" if s.unsubscribed_at else ""))
+            if view.suppressed:
+                typer.echo(f"  suppressed: {view.suppressed}")
+    except MailerError as error:
+        raise fail(error) from None
+    typer.echo("\nConsent history (newest first):")
+    if view.consent:
+        table(["when (UTC)", "what", "channel", "ip"],
+              [(_when(e.at), e.action, e.channel, e.ip or "") for e in view.consent])
+    else:
+        typer.echo("  none")
+    typer.echo("\nRecent deliveries (newest first):")
+    if view.deliveries:
+        table(["campaign", "subject", "state", "sent (UTC)", "code", "reply"],
+              [(d.campaign_id, d.subject, d.state, _when(d.sent_at), d.smtp_code, d.smtp_text)
+               for d in view.deliveries[:20]])
+    else:
+        typer.echo("  none")
 
 
 @subscribers_app.command("unsubscribe")

@@ -124,21 +124,6 @@ def stats(session: Session, *, days: int = 30) -> Stats:
                  campaigns=recent_campaigns(session, limit=8))
 
 
-def find_subscribers(session: Session, *, query: str = "", status: Status | None = None, after_id: int = 0,
-                     limit: int = 50) -> list[Subscriber]:
-    """Search by part of the address or the name; walked by id."""
-    statement = (select(Subscriber).where(Subscriber.id > after_id, Subscriber.erased_at.is_(None))
-                 .order_by(Subscriber.id).limit(limit))
-    wanted = query.strip().lower()
-    if wanted:
-        # Searched as typed: % and _ are letters here, not wildcards.
-        statement = statement.where(or_(Subscriber.email_key.contains(wanted, autoescape=True),
-                                        func.lower(Subscriber.name).contains(wanted, autoescape=True)))
-    if status is not None:
-        statement = statement.where(Subscriber.status == status)
-    return list(session.scalars(statement))
-
-
 @dataclass(frozen=True)
 class DeliveryLine:
     id: int

@@ -235,7 +235,9 @@ class _Importer:
             # Whatever the file says, a suppressed address is left alone: for an erased person even an
             # "unsubscribed" row would store their address and name again.
             if row.key in suppressed:
-                result.problem(row.number, row.email, f"suppressed ({suppressed[row.key]}): it gets no mail.",
+                # The report is kept; an erased person's address must not come back through it either.
+                shown = "(an erased address)" if suppressed[row.key] == "erased" else row.email
+                result.problem(row.number, shown, f"suppressed ({suppressed[row.key]}): it gets no mail.",
                                skipped=True)
             elif row.key in existing:
                 self._update(session, row, existing[row.key], result)

@@ -70,14 +70,23 @@ def subscriber_by_email(session: Session, email_key: str, *, for_update: bool = 
 
 
 def find_subscribers(
-    session: Session, *, email: str | None = None, status: Status | None = None, after_id: int = 0, limit: int = 100
+    session: Session, *, query: str = "", email: str | None = None, status: Status | None = None,
+    after_id: int = 0, limit: int = 100,
 ) -> Sequence[Subscriber]:
-    query = select(Subscriber).where(Subscriber.id > after_id).order_by(Subscriber.id).limit(limit)
-    if email:
-        query = query.where(Subscriber.email_key.contains(email.lower(), autoescape=True))
-    if status:
-        query = query.where(Subscriber.status == status)
-    return session.scalars(query).all()
+    """Subscribers whose address or name contains `query` (and whose address contains `email`), walked
+    by id. Erased rows are left out: they hold no person any more, only a placeholder address."""
+    statement = (select(Subscriber).where(Subscriber.id > after_id, Subscriber.erased_at.is_(None))
+                 .order_by(Subscriber.id).limit(limit))
+    # Searched as typed: % and _ are letters here, not wildcards.
+    wanted = query.strip().lower()
+    if wanted:
+        statement = statement.where(or_(Subscriber.email_key.contains(wanted, autoescape=True),
+                                        func.lower(Subscriber.name).contains(wanted, autoescape=True)))
+    if email and email.strip():
+        statement = statement.where(Subscriber.email_key.contains(email.strip().lower(), autoescape=True))
+    if status is not None:
+        statement = statement.where(Subscriber.status == status)
+    return session.scalars(statement).all()
 
 
 def categories(session: Session) -> Sequence[Category]:

@@ -314,3 +314,203 @@ def test_a_draft_can_be_edited_until_it_is_sent(console: TestClient) -> None:
     api = console.patch(f"/api/campaigns/{path.rsplit('/', 1)[1]}", json={"subject": "x", "html": "<p>x</p>"},
                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert api.status_code == 409
+
+
+def test_live_rate_counts_only_the_seconds_a_campaign_has_been_sending(console: TestClient) -> None:
+    """Ten seconds into a send, 100 mails sent show as about 10 mails/s with ten seconds left, not a sixth
+    of that; after a minute the rate is taken over the last minute only."""
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from mailer import campaigns
+    from mailer.models import Campaign, Delivery, DeliveryState, utcnow
+
+    make_readers(200)
+    now = utcnow()
+    with session_scope() as session:
+        campaign_id = campaigns.create(session, subject="Rate", html="<p>Sign.</p>").id
+        # Started in the database, not kicked: the test sets the timestamps a real send would leave.
+        campaigns.start(session, campaign_id)
+        session.execute(update(Campaign).where(Campaign.id == campaign_id)
+                        .values(started_at=now - timedelta(seconds=10)))
+        first = session.scalars(select(Delivery.id).where(Delivery.campaign_id == campaign_id)
+                                .order_by(Delivery.id).limit(100)).all()
+        for n, delivery_id in enumerate(first):
+            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(
+                state=DeliveryState.sent, sent_at=now - timedelta(seconds=9.5 - n * 0.09)))
+    live = console.get(f"/admin/campaigns/{campaign_id}/progress").json()
+    assert (live["status"], live["done"], live["total"]) == ("sending", 100, 200)
+    assert 9.0 <= live["rate"] <= 10.0, live
+    assert 9 <= live["eta_seconds"] <= 12, live
+    page = console.get(f"/admin/campaigns/{campaign_id}")
+    shown = re.search(r'<span id="rate">([\d.]+)</span> mails/s', page.text)
+    assert shown
+    assert 9.0 <= float(shown.group(1)) <= 10.0
+    with session_scope() as session:
+        session.execute(update(Campaign).where(Campaign.id == campaign_id)
+                        .values(started_at=now - timedelta(hours=1)))
+    later = console.get(f"/admin/campaigns/{campaign_id}/progress").json()
+    assert later["rate"] == round(100 / 60, 1)
+
+
+def trail() -> list[tuple[str, str, str, str]]:
+    """The audit trail, oldest first: (actor, action, target, reason)."""
+    from sqlalchemy import select
+
+    from mailer.models import AdminAction
+
+    with session_scope() as session:
+        return [(a.actor, a.action, a.target, a.reason)
+                for a in session.scalars(select(AdminAction).order_by(AdminAction.id))]
+
+
+def campaign_state(campaign_id: int) -> tuple[str, str, object]:
+    from mailer.models import Campaign
+
+    with session_scope() as session:
+        found = session.get(Campaign, campaign_id)
+        assert found is not None
+        return found.status.value, found.status_reason, found.scheduled_at
+
+
+def test_campaign_page_schedules_cancels_pauses_and_resumes(console: TestClient, smtp: SmtpSink) -> None:
+    """The schedule, cancel, pause and resume forms of a campaign page move the campaign in the database
+    and write the audit trail; a bad time or an impossible move changes nothing and says why."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from mailer import campaigns
+    from mailer.config import get_settings
+
+    make_readers(2)
+    with session_scope() as session:
+        later = campaigns.create(session, subject="Later", html="<p>Later.</p>").id
+        now = campaigns.create(session, subject="Now", html="<p>Now.</p>").id
+        # Sending, but with no loop started: the pause form must find it still sending.
+        campaigns.start(session, now)
+    token = csrf_of(console.get(f"/admin/campaigns/{later}").text)
+
+    def act(campaign_id: int, do: str, **fields: str) -> str:
+        response = console.post(f"/admin/campaigns/{campaign_id}/action",
+                                data={"csrf_token": token, "do": do, **fields})
+        assert response.status_code == 200
+        return response.text
+
+    assert "Pick a date and time to send at." in act(later, "schedule", at="soon")
+    assert campaign_state(later)[0] == "draft"
+    assert trail() == [], "a refused change leaves no line in the audit trail"
+    assert "Scheduled." in act(later, "schedule", at="2030-01-01T08:00")
+    status, _reason, at = campaign_state(later)
+    assert status == "scheduled"
+    assert at == datetime(2030, 1, 1, 8, 0, tzinfo=ZoneInfo(get_settings().timezone))
+    assert "Cancelled." in act(later, "cancel")
+    assert campaign_state(later)[0] == "cancelled"
+    assert "it cannot become paused" in act(later, "pause")
+    assert campaign_state(later)[0] == "cancelled"
+
+    assert "Paused." in act(now, "pause")
+    assert campaign_state(now)[:2] == ("paused", f"Paused by {EMAIL}.")
+    assert "Resumed." in act(now, "resume")
+    queue.drain()
+    assert campaign_state(now)[0] in {"sending", "finished"}
+    assert len(smtp.wait_for(2)) == 2, "resuming sends the rest"
+    assert trail() == [
+        (EMAIL, "campaign-schedule", f"campaign {later}", "2030-01-01T08:00"),
+        (EMAIL, "campaign-cancel", f"campaign {later}", ""),
+        (EMAIL, "campaign-pause", f"campaign {now}", ""),
+        (EMAIL, "campaign-resume", f"campaign {now}", ""),
+    ]
+
+
+def test_subscriber_page_edits_unsubscribes_and_suppresses(console: TestClient) -> None:
+    """The subscriber page's edit, unsubscribe and suppress forms change the reader in the database and
+    record each change in the consent history and the audit trail; a missing reason changes nothing."""
+    from sqlalchemy import select
+
+    from mailer.models import Suppression
+    from mailer.subscriptions import hash_email
+    from tests.conftest import consent_actions
+
+    [reader_id] = make_readers(1, categories=("us-russia-relations",))
+    here = f"/admin/subscribers/{reader_id}"
+    token = csrf_of(console.get(here).text)
+
+    def act(action: str, **fields: object) -> str:
+        response = console.post(here, data={"csrf_token": token, "action": action, **fields})
+        assert response.status_code == 200
+        return response.text
+
+    assert "Pick daily or weekly." in act("edit", name="Ann", frequency="hourly")
+    assert "Saved." in act("edit", name="Ann Example", frequency="weekly",
+                           categories=["peace-and-diplomacy", "us-nato-relations"])
+    reader = subscriber_row("reader0@example.org")
+    assert reader is not None
+    assert (reader.name, reader.frequency.value) == ("Ann Example", "weekly")
+    assert sorted(c.slug for c in reader.categories) == ["peace-and-diplomacy", "us-nato-relations"]
+    assert consent_actions("reader0@example.org") == ["preferences"]
+
+    assert "Say why" in act("unsubscribe", reason="  ")
+    assert subscriber_row("reader0@example.org").status.value == "confirmed"  # type: ignore[union-attr]
+    assert "Unsubscribed." in act("unsubscribe", reason="asked by phone")
+    assert subscriber_row("reader0@example.org").status.value == "unsubscribed"  # type: ignore[union-attr]
+    assert "Suppressed" in act("suppress", reason="spam trap")
+    with session_scope() as session:
+        entry = session.scalar(select(Suppression).where(Suppression.email_hash == hash_email("reader0@example.org")))
+        assert entry is not None
+        assert (entry.reason, entry.detail) == ("admin", "spam trap")
+    assert consent_actions("reader0@example.org") == ["preferences", "unsubscribe", "suppress"]
+    assert trail() == [(EMAIL, "unsubscribe", "reader0@example.org", "asked by phone"),
+                       (EMAIL, "suppress", "reader0@example.org", "spam trap")]
+
+
+def test_console_export_is_a_csv_of_the_chosen_readers(console: TestClient) -> None:
+    """The console's export link gives a CSV of the readers with the chosen status, in the columns an
+    import takes; it needs a signed-in admin and changes nothing."""
+    make_readers(2)
+    make_readers(1, prefix="gone", status="unsubscribed")
+    exported = console.get("/admin/subscribers/export", params={"status": "confirmed"})
+    assert exported.status_code == 200
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert "attachment" in exported.headers["content-disposition"]
+    header, *rows = exported.text.splitlines()
+    assert header.split(",")[:5] == ["email", "name", "categories", "frequency", "status"]
+    assert sorted(row.split(",")[0] for row in rows) == ["reader0@example.org", "reader1@example.org"]
+    everyone = console.get("/admin/subscribers/export").text
+    assert "gone0@example.org" in everyone
+    assert trail() == []
+    with TestClient(create_app(), base_url="https://news.example.org") as stranger:
+        away = stranger.get("/admin/subscribers/export", follow_redirects=False)
+        assert away.status_code == 303
+        assert "reader0" not in away.text
+
+
+def test_console_removes_a_suppression_with_a_reason(console: TestClient) -> None:
+    """Removing an entry from the suppression list needs a reason; it deletes the entry and the audit
+    trail keeps who removed it, why and what the entry said."""
+    from sqlalchemy import func, select
+
+    from mailer import suppressions
+    from mailer.models import Suppression
+
+    with session_scope() as session:
+        suppressions.add(session, email="typo@example.org", reason="typed by mistake", actor="cli")
+    page = console.get("/admin/suppressions")
+    found = re.search(r'action="/admin/suppressions/(\d+)/remove"', page.text)
+    assert found, "each entry has a remove form"
+    token = csrf_of(page.text)
+    path = f"/admin/suppressions/{found.group(1)}/remove"
+    refused = console.post(path, data={"csrf_token": token, "reason": ""})
+    assert refused.status_code == 200
+    assert "Say why, in a few words" in refused.text
+
+    def entries() -> int:
+        with session_scope() as session:
+            return int(session.scalar(select(func.count()).select_from(Suppression)) or 0)
+
+    assert entries() == 1
+    removed = console.post(path, data={"csrf_token": token, "reason": "the address was mistyped"})
+    assert "Removed typo@example.org from the suppression list." in removed.text
+    assert entries() == 0
+    assert trail()[-1] == (EMAIL, "unsuppress", "typo@example.org",
+                           "the address was mistyped (was: admin: typed by mistake)")

@@ -105,3 +105,28 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
     assert "/api/campaigns/{campaign_id}/send" in schema["paths"]
     assert "counts" in schema["components"]["schemas"]["Progress"]["properties"]
     assert client.get("/docs").status_code == 200
+
+
+def test_subscriber_search_matches_the_console(admin: TestClient) -> None:
+    """`GET /api/subscribers` searches names too with `q=`, keeps `email=` to the address, and leaves erased
+    readers out, as the console's search does."""
+    for email, name in (("ada@example.org", "Ada Lovelace"), ("grace@example.org", "Grace Hopper"),
+                        ("erin@example.org", "Erin Lovelace")):
+        assert admin.post("/api/subscribers", json={"email": email, "name": name, "confirmed": True}
+                          ).status_code == 201
+    erin = subscriber_row("erin@example.org")
+    assert erin is not None
+    assert admin.post(f"/api/subscribers/{erin.id}/erase", json={"reason": "asked by mail"}).status_code == 200
+
+    def emails(**params: str) -> list[str]:
+        response = admin.get("/api/subscribers", params=params)
+        assert response.status_code == 200, response.text
+        return [s["email"] for s in response.json()]
+
+    assert emails(q="LOVELACE") == ["ada@example.org"]
+    assert emails(q="grace@") == ["grace@example.org"]
+    assert emails(email="lovelace") == [], "email= looks at the address only"
+    assert emails(email="example.org") == ["ada@example.org", "grace@example.org"]
+    assert emails() == ["ada@example.org", "grace@example.org"], "an erased row is nobody to list"
+    assert emails(q="erased") == []
+    assert admin.get("/api/subscribers", params={"q": "x" * 201}).status_code == 422

@@ -103,7 +103,7 @@ def test_campaign_commands(tmp_path: Path, env, backend: str, smtp) -> None:  # 
     settings = base_env(backend, smtp.port, tmp_path / "outbox")
     bad = run(["campaign", "create", "--subject", "Hi", "--html", "body.html", "--category", "nope"], tmp_path,
               **settings)
-    assert (bad.returncode, bad.stderr.strip()) == (1, "Error: categories: Unknown category: nope.")
+    assert (bad.returncode, bad.stderr.strip()) == (1, "Error: --category: Unknown category: nope.")
     missing = run(["campaign", "create", "--subject", "Hi", "--html", "missing.html"], tmp_path, **settings)
     assert missing.returncode == 1
     assert "--html: cannot read missing.html" in missing.stderr
@@ -209,3 +209,122 @@ def test_inbound_serve_takes_an_unsubscribe_mail(tmp_path: Path, env, backend: s
     assert f"on 127.0.0.1:{port}" in output
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_campaign_markdown_schedule_preview_and_delivery_log(tmp_path: Path, env, backend: str, smtp  # type: ignore[no-untyped-def]
+                                                             ) -> None:
+    """`campaign create --markdown`, `schedule --at`, `preview` and `deliveries` do what the console does,
+    and a bad --at, --email or --state gets a sentence naming that option."""
+    from sqlalchemy import update
+
+    from mailer import campaigns
+    from mailer.db import session_scope
+    from mailer.models import Delivery
+    from tests.conftest import base_env, make_readers
+
+    ids = make_readers(3)
+    settings = base_env(backend, smtp.port, tmp_path / "outbox")
+    (tmp_path / "body.md").write_text("# Talks, not tanks\n\nDear {{ name }}, *sign* the petition.\n")
+    neither = run(["campaign", "create", "--subject", "Hi"], tmp_path, **settings)
+    assert (neither.returncode, neither.stderr.strip()) == (
+        1, "Error: --html: Give the body as --html FILE or as --markdown FILE (one of them).")
+    created = run(["campaign", "create", "--subject", "Petition, {{ name }}", "--markdown", "body.md"], tmp_path,
+                  **settings)
+    assert created.returncode == 0, created.stderr
+    campaign_id = created.stdout.split()[2]
+
+    shown = run(["campaign", "preview", campaign_id, "--email", "Reader1@example.org", "--out", "mail.html"],
+                tmp_path, **settings)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("To: reader1@example.org\nSubject: Petition, Reader 1\n")
+    assert "Dear Reader 1, sign the petition." in shown.stdout
+    assert "Talks, not tanks</h1>" in (tmp_path / "mail.html").read_text(encoding="utf-8")
+    stranger = run(["campaign", "preview", campaign_id, "--email", "zed@example.org"], tmp_path, **settings)
+    assert (stranger.returncode, stranger.stderr.strip()) == (
+        1, "Error: --email: No subscriber has the address zed@example.org.")
+
+    bad = run(["campaign", "schedule", campaign_id, "--at", "next tuesday"], tmp_path, **settings)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        1, "Error: --at: 'next tuesday' is not a time such as 2026-12-01T08:00:00+00:00.")
+    naive = run(["campaign", "schedule", campaign_id, "--at", "2030-01-01T08:00"], tmp_path, **settings)
+    assert naive.returncode == 1
+    assert naive.stderr.startswith("Error: --at: Give the time with a time zone")
+    scheduled = run(["campaign", "schedule", campaign_id, "--at", "2030-01-01T09:00:00+01:00"], tmp_path,
+                    **settings)
+    assert scheduled.returncode == 0, scheduled.stderr
+    assert f"Campaign {campaign_id} scheduled" in scheduled.stdout
+    assert "sends at 2030-01-01T08:00:00+00:00" in scheduled.stdout
+
+    # The log's rows are set here rather than sent, so each state and reply is known.
+    with session_scope() as session:
+        campaigns.start(session, int(campaign_id))
+        session.execute(update(Delivery).where(Delivery.subscriber_id == ids[0])
+                        .values(state="sent", smtp_code=250, smtp_text="2.0.0 Ok: queued"))
+        session.execute(update(Delivery).where(Delivery.subscriber_id == ids[1])
+                        .values(state="failed", smtp_code=550, smtp_text="5.1.1 Recipient address rejected"))
+    failed = run(["campaign", "deliveries", campaign_id, "--state", "failed"], tmp_path, **settings)
+    assert failed.returncode == 0, failed.stderr
+    heading, row = failed.stdout.splitlines()
+    assert heading.split() == ["id", "address", "state", "tries", "sent", "(UTC)", "code", "reply"]
+    assert row.split()[1:] == ["reader1@example.org", "failed", "0", "550", "5.1.1", "Recipient", "address",
+                               "rejected"]
+    found = run(["campaign", "deliveries", campaign_id, "--query", "queued"], tmp_path, **settings)
+    assert "reader0@example.org" in found.stdout
+    assert "reader1@example.org" not in found.stdout
+    wrong = run(["campaign", "deliveries", campaign_id, "--state", "lost"], tmp_path, **settings)
+    assert wrong.returncode == 1
+    assert wrong.stderr.startswith("Error: --state: Use one of pending, sending, sent")
+    assert "Traceback" not in bad.stderr + wrong.stderr + stranger.stderr + neither.stderr
+
+
+def test_subscribers_search_and_show(tmp_path: Path, env, backend: str, smtp) -> None:  # type: ignore[no-untyped-def]
+    """`subscribers search` finds by address or name and leaves erased readers out; `subscribers show`
+    prints status, categories, frequency, consent history and deliveries."""
+    from mailer import subscriptions
+    from mailer.db import session_scope
+    from mailer.models import Campaign, Delivery
+    from mailer.subscriptions import Origin
+    from tests.conftest import base_env
+
+    settings = base_env(backend, smtp.port, tmp_path / "outbox")
+    people = tmp_path / "people.csv"
+    people.write_text("email,name,categories,frequency\nada@example.org,Ada Lovelace,us-russia-relations,weekly\n"
+                      "grace@example.org,Grace Hopper,,daily\nerin@example.org,Erin Lovelace,,daily\n",
+                      encoding="utf-8")
+    assert run(["subscribers", "import", str(people)], tmp_path, **settings).returncode == 0
+    with session_scope() as session:
+        erin = subscriptions.store.subscriber_by_email(session, "erin@example.org")
+        assert erin is not None
+        subscriptions.erase(session, subscriber_id=erin.id, reason="asked", origin=Origin(channel="cli"))
+        ada = subscriptions.store.subscriber_by_email(session, "ada@example.org")
+        assert ada is not None
+        campaign = Campaign(subject="Petition: talks, not tanks", html="h", categories=[], status="finished")
+        session.add(campaign)
+        session.flush()
+        session.add(Delivery(campaign_id=campaign.id, subscriber_id=ada.id, state="failed", smtp_code=552,
+                             smtp_text="5.2.2 Mailbox full"))
+    found = run(["subscribers", "search", "LOVELACE"], tmp_path, **settings)
+    assert found.returncode == 0, found.stderr
+    heading, *rows = found.stdout.splitlines()
+    assert heading.split() == ["id", "address", "name", "status", "frequency", "categories"]
+    assert [row.split()[1:] for row in rows] == [
+        ["ada@example.org", "Ada", "Lovelace", "confirmed", "weekly", "us-russia-relations"]]
+    assert run(["subscribers", "search", "nobody-here"], tmp_path, **settings).stdout.strip() == "Nobody matches."
+    bad = run(["subscribers", "search", "a", "--status", "asleep"], tmp_path, **settings)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        1, "Error: --status: Use one of pending, confirmed, unsubscribed, bounced, complained.")
+
+    shown = run(["subscribers", "show", "Ada@Example.org"], tmp_path, **settings)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("ada@example.org (subscriber ")
+    assert "status confirmed; frequency weekly" in lines[1]
+    assert lines[2].strip() == "categories: U.S.–Russia Relations"
+    history = lines[lines.index("Consent history (newest first):") + 2]
+    assert history.split()[2:4] == ["import", "import"]
+    delivery = lines[lines.index("Recent deliveries (newest first):") + 2]
+    assert "Petition: talks, not tanks" in delivery
+    assert delivery.split()[-5:] == ["failed", "552", "5.2.2", "Mailbox", "full"]
+    missing = run(["subscribers", "show", "erin@example.org"], tmp_path, **settings)
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1, "Error: email: No subscriber has the address erin@example.org.")

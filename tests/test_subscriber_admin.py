@@ -150,6 +150,36 @@ def test_erased_subscriber_stays_suppressed_when_imported_again(admin: TestClien
     assert "erin" not in exported.text.lower()
 
 
+def test_an_erased_reader_is_not_imported_again_by_dry_run_or_real_run(admin: TestClient) -> None:
+    """A reader who was only erased (no other suppression) is reported as skipped, with the reason, by a
+    dry run and by the real import of the same file, and is not subscribed again."""
+    upload(admin, "email,name\nnora@example.org,Nora\n")
+    nora = subscriber_row("nora@example.org")
+    assert nora is not None
+    assert admin.post(f"/api/subscribers/{nora.id}/erase", json={"reason": "asked by mail"}).status_code == 200
+    with session_scope() as session:
+        entries = session.scalars(select(Suppression)).all()
+        assert [(e.reason, e.email) for e in entries] == [("erased", None)], "only the erasure's hashed entry"
+    again = "email,name,status\nNora@Example.org,Nora Back,confirmed\nnew@example.org,New,confirmed\n"
+    dry = upload(admin, again, dry_run="true")
+    real = upload(admin, again)
+    for report in (dry, real):
+        assert report["state"] == "done"
+        assert (report["counts"]["added"], report["counts"]["skipped"], report["counts"]["errors"]) == (1, 1, 0)
+        [problem] = report["errors"]
+        assert (problem["row"], problem["kind"]) == (2, "skipped")
+        assert problem["error"] == "suppressed (erased): it gets no mail."
+        assert problem["email"] == "(an erased address)", "the kept report does not bring the address back"
+    assert subscriber_row("nora@example.org") is None, "nobody has the address again"
+    assert subscriber_row("new@example.org") is not None
+    with session_scope() as session:
+        erased = session.get(type(nora), nora.id)
+        assert erased is not None
+        assert (erased.status.value, erased.name) == ("unsubscribed", "")
+        kept = " ".join(str(errors) for errors in session.scalars(select(ImportJob.errors))).lower()
+        assert "nora" not in kept
+
+
 def test_export_round_trips_through_import(admin: TestClient) -> None:
     """An export has the import's columns; a name that looks like a formula is defused for spreadsheets."""
     upload(admin, "email,name,categories,frequency\nsam@example.org,=HYPERLINK(1),us-russia-relations,weekly\n")

@@ -59,8 +59,8 @@ def dashboard(request: Request, who: Who) -> Response:
 def subscribers(request: Request, who: Who, q: str = "", status: str = "", after: RowMark = 0) -> Response:
     wanted = Status(status) if status in Status.__members__ else None
     with session_scope() as session:
-        found = console.find_subscribers(session, query=q[:200], status=wanted, after_id=max(after, 0),
-                                         limit=PAGE)
+        found = store.find_subscribers(session, query=q[:200], status=wanted, after_id=max(after, 0),
+                                       limit=PAGE)
         rows = [{"id": s.id, "email": s.email, "name": s.name, "status": s.status.value,
                  "frequency": s.frequency.value, "categories": [c.name for c in s.categories],
                  "created_at": s.created_at} for s in found]

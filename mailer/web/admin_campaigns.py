@@ -26,14 +26,24 @@ Who = Annotated[admins.SignedIn, Depends(signed_in)]
 PAGE = 100
 
 
+RATE_WINDOW = 60.0
+
+
 def live(campaign_id: int) -> dict[str, object]:
     """Counts by state, the rate over the last minute, and the time left at that rate."""
+    now = utcnow()
     with session_scope() as session:
         progress = campaigns.progress(session, campaign_id)
-        since = utcnow() - timedelta(seconds=60)
+        since = now - timedelta(seconds=RATE_WINDOW)
         recent = session.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.campaign_id == campaign_id, Delivery.sent_at >= since)) or 0
-    rate = recent / 60
+    # A campaign that began sending ten seconds ago has sent for ten seconds, not sixty: dividing by
+    # the whole window would show a tenth of the real rate and ten times the time left. The floor of
+    # one second keeps the first moments from dividing by (almost) zero.
+    window = RATE_WINDOW
+    if progress.started_at is not None:
+        window = min(RATE_WINDOW, max((now - progress.started_at).total_seconds(), 1.0))
+    rate = recent / window
     left = sum(progress.counts.get(k, 0) for k in ("pending", "sending", "deferred"))
     return {"status": progress.status, "status_reason": progress.status_reason, "counts": progress.counts,
             "total": progress.total, "done": progress.done, "rate": round(rate, 1),

@@ -121,13 +121,14 @@ def add_category(body: CategoryIn) -> CategoryOut:
 
 @router.get("/subscribers")
 def list_subscribers(
-    email: str | None = None,
+    q: Annotated[str, Query(max_length=200, description="Part of the address or the name.")] = "",
+    email: Annotated[str | None, Query(max_length=320, description="Part of the address.")] = None,
     status: Status | None = None,
     after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return subscribers with an id above this one.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[SubscriberOut]:
     with session_scope() as session:
-        found = store.find_subscribers(session, email=email, status=status, after_id=after, limit=limit)
+        found = store.find_subscribers(session, query=q, email=email, status=status, after_id=after, limit=limit)
         return [SubscriberOut.of(s) for s in found]
 
 
