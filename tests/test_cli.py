@@ -41,6 +41,7 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
         ("MAILER_ADDRESS_DELIMITER", "#", "MAILER_ADDRESS_DELIMITER must be one of + - = _"),
         ("MAILER_SENDGRID_PUBLIC_KEY", "not-a-key", "MAILER_SENDGRID_PUBLIC_KEY is not an ECDSA public key"),
         ("MAILER_SNS_CERT_URL_PREFIXES", "ftp://certs", "MAILER_SNS_CERT_URL_PREFIXES has 'ftp://certs'"),
+        ("MAILER_TASK_SECONDS", "1201", "MAILER_TASK_SECONDS must be at most 1200 (a third of the broker's"),
     ],
 )
 def test_bad_setting_stops_with_one_sentence_naming_it(tmp_path: Path, variable: str, value: str, says: str) -> None:
