@@ -27,7 +27,7 @@ from mailer import compose, markup, queue, render, store, tokens
 from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import Conflict, InvalidInput, NotFound
-from mailer.models import Campaign, CampaignKind, CampaignStatus, Delivery, DeliveryState, utcnow
+from mailer.models import Campaign, CampaignKind, CampaignStatus, utcnow
 from mailer.sender import Envelope, Result, transport_for
 from mailer.signing import sign
 
@@ -229,14 +229,7 @@ def cancel(session: Session, campaign_id: int) -> bool:
 
 def skip_unsent(session: Session, campaign_id: int) -> None:
     """A cancelled campaign's untried deliveries (including claims its loops hand back) become skipped."""
-    session.execute(
-        update(Delivery)
-        .where(Delivery.campaign_id == campaign_id,
-               Delivery.state.in_([DeliveryState.pending, DeliveryState.deferred]),
-               select(Campaign.status).where(Campaign.id == campaign_id).scalar_subquery()
-               == CampaignStatus.cancelled)
-        .values(state=DeliveryState.skipped, smtp_text="campaign cancelled", next_attempt_at=None)
-    )
+    store.skip_cancelled(session, campaign_id)
 
 
 def finish_if_done(session: Session, campaign_id: int) -> bool:

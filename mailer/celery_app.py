@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from mailer.config import get_settings
+from mailer.config import BROKER_VISIBILITY_TIMEOUT, get_settings
 
 
 def make_app(broker_url: str | None = None) -> Celery:
@@ -16,8 +16,8 @@ def make_app(broker_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Redis re-delivers unacknowledged tasks after this many seconds; keep it far above the longest task.
-        broker_transport_options={"visibility_timeout": 3600},
+        # Redis re-delivers unacknowledged tasks after this many seconds; MAILER_TASK_SECONDS is held to a third.
+        broker_transport_options={"visibility_timeout": BROKER_VISIBILITY_TIMEOUT},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -127,9 +127,17 @@ def send(
             started = campaigns.start(session, campaign_id)
     except MailerError as error:
         raise fail(error) from None
+    _kick_and_show(campaign_id, moved=started, wait=wait)
+
+
+def _kick_and_show(campaign_id: int, *, moved: bool, wait: bool) -> None:
+    """Start the batch loops of a campaign this command just started or resumed, then show it.
+
+    Without a broker the loops would run in this process, which would then keep sending quietly after
+    printing its answer: only with --wait (a progress bar until the campaign stops) do they start here.
+    Otherwise a running `mailer serve` (its tick) picks the campaign up."""
     in_process = not get_settings().broker_url
-    # Without a broker, loops started here would die with this command: only --wait keeps them running.
-    if started and (wait or not in_process):
+    if moved and (wait or not in_process):
         campaigns.kick(campaign_id)
     if wait:
         _wait(campaign_id)
@@ -216,14 +224,15 @@ def status(campaign_id: int) -> None:
         raise fail(error) from None
 
 
-def _move(campaign_id: int, action: str) -> None:
+def _move(campaign_id: int, action: str, *, wait: bool = False) -> None:
     try:
         with session_scope() as session:
             moved = getattr(campaigns, action)(session, campaign_id)
     except MailerError as error:
         raise fail(error) from None
-    if moved and action == "resume":
-        campaigns.kick(campaign_id)
+    if action == "resume":
+        _kick_and_show(campaign_id, moved=moved, wait=wait)
+        return
     _print(_show(campaign_id))
 
 
@@ -234,9 +243,12 @@ def pause(campaign_id: int) -> None:
 
 
 @app.command()
-def resume(campaign_id: int) -> None:
+def resume(
+    campaign_id: int,
+    wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the campaign stops.")] = False,
+) -> None:
     """Resume a paused campaign where it stopped."""
-    _move(campaign_id, "resume")
+    _move(campaign_id, "resume", wait=wait)
 
 
 @app.command()

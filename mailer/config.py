@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Secrets that people copy from examples: refusing them makes a forgotten placeholder a start-up error.
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "secret", "changethis", "please-change", "xxx"}
 SECRET_FILE = Path(".mailer-secret")
+# Redis hands an unacknowledged task to another worker after this many seconds (celery_app.py); a batch
+# loop must end well before it, or a second loop would start on the same campaign while the first runs.
+BROKER_VISIBILITY_TIMEOUT = 3600
 
 
 class Settings(BaseSettings):
@@ -311,6 +314,15 @@ class Settings(BaseSettings):
                     ipaddress.ip_network(str(item), strict=False)
                 except ValueError:
                     raise ValueError(f"has {item!r}, which is not an IP address or network") from None
+        return value
+
+    @field_validator("task_seconds")
+    @classmethod
+    def _task_seconds(cls, value: float) -> float:
+        limit = BROKER_VISIBILITY_TIMEOUT // 3
+        if value > limit:
+            raise ValueError(f"must be at most {limit} (a third of the broker's visibility timeout of "
+                             f"{BROKER_VISIBILITY_TIMEOUT} s), or a running task would be handed to a second worker")
         return value
 
     @model_validator(mode="after")

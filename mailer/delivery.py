@@ -179,6 +179,7 @@ class Batch:
             upcoming = next(jobs, None) if chain else None
             upcoming_turn = self._turn(upcoming) if upcoming is not None else None
             mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
+            sending = False
             try:
                 await self.throttle.take(job.reader.email)
                 data, mid = self.build(job, eight_bit=await transport.eight_bit())
@@ -187,12 +188,15 @@ class Batch:
                     transport.announce(self.envelope(upcoming), upcoming_turn[1])
                 else:
                     transport.announce(None)
+                sending = True
                 result = await transport.send(envelope, before_data=handover)
             except Exception as error:
-                # One bad message (or a database hiccup at hand-over) must not stop the batch. If the
-                # hand-over was committed the mail may have gone; the record below says so.
+                # One bad message (or a database hiccup at hand-over) must not stop the batch. Once the
+                # transport had the message and its hand-over said "go", the mail may have gone: that is
+                # `unknown` (and MAILER_RESEND_UNKNOWN decides), never a plain retry that could double it.
                 log.exception("delivery %s failed before an SMTP answer", job.claim.delivery_id)
-                result = Result(SmtpOutcome.temporary, 0, f"{type(error).__name__}: {error}")
+                outcome = SmtpOutcome.unknown if sending and verdict == ["go"] else SmtpOutcome.temporary
+                result = Result(outcome, 0, f"{type(error).__name__}: {error}")
             if verdict == ["hold"]:
                 # Paused or cancelled: this claim goes back untried, and the lane stops.
                 self.held = True
@@ -335,7 +339,7 @@ async def _run(campaign_id: int) -> bool:
             await transport.close()
         await asyncio.to_thread(recorder.close)
         with session_scope() as session:
-            store.release_claims(session, worker)
+            store.release_claims(session, worker, resend_unknown=settings.resend_unknown)
             campaigns.skip_unsent(session, campaign_id)
         heartbeat.unregister(worker)
         connections.give_back(permits)

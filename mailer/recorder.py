@@ -88,6 +88,11 @@ class _Statements:
     sent: Any
 
 
+# <c{campaign}.d{delivery}@domain>, as delivery.message_id makes it, built in SQL from the row itself.
+_MESSAGE_ID = (literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
+               + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
+
+
 @lru_cache(maxsize=2)
 def _statements(postgresql: bool) -> _Statements:
     """Core statements built once per dialect: the recorder runs them thousands of times a second."""
@@ -98,7 +103,9 @@ def _statements(postgresql: bool) -> _Statements:
                _DELIVERIES.c.state == DeliveryState.sending.value,
                _DELIVERIES.c.claimed_by == bindparam("worker"),
                _ELIGIBLE)
-        .values(handed_over_at=bindparam("now"))
+        # The Message-ID goes in with the mark, so a delivery that ends `unknown` (swept, handed back)
+        # names the mail an operator can look for in the server's logs.
+        .values(handed_over_at=bindparam("now"), message_id=_MESSAGE_ID)
         .returning(_DELIVERIES.c.id)
     )
 
@@ -114,9 +121,7 @@ def _statements(postgresql: bool) -> _Statements:
         .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql),
                _DELIVERIES.c.claimed_by == bindparam("worker"))
         .values(state=DeliveryState.sent.value, sent_at=bindparam("now"), smtp_code=250, smtp_text=None,
-                next_attempt_at=None, claimed_by=None,
-                message_id=literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
-                + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
+                next_attempt_at=None, claimed_by=None, message_id=_MESSAGE_ID)
     )
     return _Statements(held=held, handover=handover, first_failure=first_failure, sent=sent)
 
@@ -250,7 +255,8 @@ class Recorder:
                 if handovers:
                     ids = [op.delivery_id for op in handovers]
                     marked = set(connection.scalars(statements.handover,
-                                                    {"ids": ids, "worker": self.worker, "now": now}))
+                                                    {"ids": ids, "worker": self.worker, "now": now,
+                                                     "id_domain": f"@{self.domain}>"}))
                     refused = [i for i in ids if i not in marked]
                     held = set(connection.scalars(statements.held, {"ids": refused})) if refused else set()
                     for op in handovers:

@@ -140,6 +140,13 @@ def _classify(code: int, text: str) -> Result:
     return Result(outcome, code, text)
 
 
+def _sender_refused(code: int, text: str) -> Result:
+    """The answer to MAIL FROM was not 250. Whatever the code, it says nothing about the recipient: retry
+    later. A 421 is the server closing the session, not a verdict on the sender, so it only defers the
+    message (the session is already dropped); any other code means the sender itself was refused."""
+    return Result(Outcome.temporary, code, text, sender_refused=code != 421)
+
+
 @dataclass(frozen=True)
 class Server:
     hostname: str
@@ -314,8 +321,7 @@ class SmtpTransport:
             else:
                 await self._reset()
             if verb == b"MAIL":
-                # Whatever the code, a refused sender says nothing about the recipient: retry later.
-                return Result(Outcome.temporary, response.code, response.message, sender_refused=True)
+                return _sender_refused(response.code, response.message)
             return _classify(response.code, response.message)
         return None
 
@@ -450,8 +456,7 @@ class SmtpTransport:
                 return _SKIPPED  # The reader left or the campaign stopped: that is the answer, not the refusal.
             assert refused is not None
             if refused is replies[0]:
-                # Whatever the code, a refused sender says nothing about the recipient: retry later.
-                return Result(Outcome.temporary, refused.code, refused.message, sender_refused=True)
+                return _sender_refused(refused.code, refused.message)
             return _classify(refused.code, refused.message)
         try:
             go = await self._verdict(check)

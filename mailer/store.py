@@ -7,7 +7,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BindParameter, ColumnElement, any_, bindparam, delete, exists, func, literal, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    any_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY as postgresql_array
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -15,6 +28,8 @@ from sqlalchemy.orm import Session
 
 from mailer.models import (
     AdminAction,
+    Campaign,
+    CampaignStatus,
     Category,
     ConsentEvent,
     Delivery,
@@ -238,24 +253,68 @@ def claim_deliveries(session: Session, campaign_id: int, worker: str, limit: int
     return claims
 
 
+# The reason a cancelled campaign's untried deliveries carry.
+CANCELLED = "campaign cancelled"
+
+
+def _give_back(session: Session, claimed: ColumnElement[bool], *, resend_unknown: bool,
+               why: str) -> tuple[int, int]:
+    """Hand back the claims that `claimed` selects, for the sweeper and for a loop that stops alike.
+
+    A claim never handed over was never tried: pending again. One handed over may have gone: `unknown`,
+    or pending when MAILER_RESEND_UNKNOWN accepts the risk of a copy. Claims of a cancelled campaign are
+    never pending again, or nothing would ever take them: untried ones are skipped, the others `unknown`.
+    Returns how many were untried and how many handed over."""
+    cancelled = exists().where(Campaign.id == Delivery.campaign_id, Campaign.status == CampaignStatus.cancelled)
+    state_type = Delivery.state.type
+    never_tried = session.execute(
+        update(Delivery).where(claimed, Delivery.handed_over_at.is_(None))
+        .values(state=case((cancelled, literal(DeliveryState.skipped, state_type)),
+                           else_=literal(DeliveryState.pending, state_type)),
+                smtp_text=case((cancelled, literal(CANCELLED)), else_=Delivery.smtp_text),
+                claimed_by=None, attempts=Delivery.attempts - 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    resent = DeliveryState.pending if resend_unknown else DeliveryState.unknown
+    handed_over = session.execute(
+        update(Delivery).where(claimed, Delivery.handed_over_at.is_not(None))
+        .values(state=case((cancelled, literal(DeliveryState.unknown, state_type)),
+                           else_=literal(resent, state_type)),
+                claimed_by=None, smtp_text=why)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return int(never_tried), int(handed_over)
+
+
+def skip_cancelled(session: Session, campaign_id: int | None = None) -> int:
+    """Untried deliveries (pending or deferred) of a cancelled campaign become skipped; without
+    `campaign_id`, those of every cancelled campaign (the sweeper's pass, for loops that died after a
+    cancel). The claim index (campaign_id, state, id) makes each campaign one short index probe."""
+    cancelled = select(Campaign.id).where(Campaign.status == CampaignStatus.cancelled)
+    if campaign_id is not None:
+        cancelled = cancelled.where(Campaign.id == campaign_id)
+    return int(session.execute(
+        update(Delivery)
+        .where(Delivery.campaign_id.in_(cancelled),
+               Delivery.state.in_([DeliveryState.pending, DeliveryState.deferred]))
+        .values(state=DeliveryState.skipped, smtp_text=CANCELLED, next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
 def sweep_stale_claims(session: Session, *, worker_timeout: float, resend_unknown: bool) -> int:
-    """Give back claims whose worker stopped beating: never handed over means pending again; handed
-    over means the server may have the mail, which is `unknown` (or pending when unknowns are resent)."""
+    """Give back claims whose worker stopped beating (see `_give_back`), and skip what cancelled
+    campaigns still hold untried. Returns how many claims were handed back."""
     dead_before = utcnow() - timedelta(seconds=worker_timeout)
     alive = select(WorkerBeat.id).where(WorkerBeat.seen_at >= dead_before)
     stale = (Delivery.state == DeliveryState.sending) & Delivery.claimed_by.not_in(alive) & (
         Delivery.claimed_at < dead_before)
-    never_tried = session.execute(
-        update(Delivery).where(stale, Delivery.handed_over_at.is_(None))
-        .values(state=DeliveryState.pending, claimed_by=None, attempts=Delivery.attempts - 1)
-    ).rowcount  # type: ignore[attr-defined]
-    may_have_gone = session.execute(
-        update(Delivery).where(stale, Delivery.handed_over_at.is_not(None))
-        .values(state=DeliveryState.pending if resend_unknown else DeliveryState.unknown, claimed_by=None,
-                smtp_text="the worker stopped after handing the message over; the server may have it")
-    ).rowcount  # type: ignore[attr-defined]
+    never_tried, handed_over = _give_back(
+        session, stale, resend_unknown=resend_unknown,
+        why="the worker stopped after handing the message over; the server may have it")
+    skip_cancelled(session)
     session.execute(delete(WorkerBeat).where(WorkerBeat.seen_at < dead_before - timedelta(hours=1)))
-    return int(never_tried) + int(may_have_gone)
+    return never_tried + handed_over
 
 
 def delivery_counts(session: Session, campaign_id: int) -> dict[str, int]:
@@ -292,20 +351,12 @@ def being_sent(session: Session, campaign_id: int, *, worker_timeout: float) -> 
     ))) or False
 
 
-def release_claims(session: Session, token: str) -> int:
+def release_claims(session: Session, token: str, *, resend_unknown: bool) -> int:
     """A loop that stops hands back what it claimed and did not try; anything handed over but not
-    recorded (an error between DATA and the record) may have gone, so it is `unknown`."""
-    never_tried = session.execute(
-        update(Delivery).where(Delivery.state == DeliveryState.sending, Delivery.claimed_by == token,
-                               Delivery.handed_over_at.is_(None))
-        .values(state=DeliveryState.pending, claimed_by=None, attempts=Delivery.attempts - 1)
-    ).rowcount  # type: ignore[attr-defined]
-    session.execute(
-        update(Delivery).where(Delivery.state == DeliveryState.sending, Delivery.claimed_by == token)
-        .values(state=DeliveryState.unknown, claimed_by=None,
-                smtp_text="the sending loop stopped after handing the message over; the server may have it")
-    )
-    return int(never_tried)
+    recorded (an error between DATA and the record) may have gone (see `_give_back`)."""
+    mine = (Delivery.state == DeliveryState.sending) & (Delivery.claimed_by == token)
+    return _give_back(session, mine, resend_unknown=resend_unknown,
+                      why="the sending loop stopped after handing the message over; the server may have it")[0]
 
 
 @dataclass(frozen=True, slots=True)

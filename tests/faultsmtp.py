@@ -10,8 +10,13 @@ whatever order the mails arrive in. Modes:
     550       permanent refusal at RCPT (5.1.1, bad mailbox)
     550-policy permanent refusal at RCPT (5.7.1, not about the address)
     554-data  permanent refusal after the final dot
+    421-data  421 after the final dot (the message is not taken), then the server hangs up
+    drop-rcpt the server closes the connection at RCPT, before DATA, without answering
     drop      the server takes the message, then closes the connection without answering
     hang      the server takes the message, then never answers
+
+`sender_replies` are answers to MAIL FROM, one per command in order (a "421 …" also hangs up), before
+`sender_reply`, which answers every MAIL FROM once they are used up.
 
 With `pipelining` the server offers PIPELINING (RFC 2920), so the client sends MAIL FROM, RCPT TO and
 DATA in one write; `PIPELINING` is the default, which tests switch to run every case both ways.
@@ -52,6 +57,7 @@ class FaultySmtp:
     attempts: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     sender_reply: str = ""
+    sender_replies: list[str] = field(default_factory=list)
     pipelining: bool = field(default_factory=lambda: PIPELINING)
     # Commands a client sent on a session after the server answered 421 there (must stay empty).
     after_421: list[str] = field(default_factory=list)
@@ -80,11 +86,12 @@ class FaultySmtp:
         if id(session) in self._closing:
             self.after_421.append(f"RCPT {address}")
         mode = self.mode(address, attempt)
+        if mode == "drop-rcpt":
+            server.transport.close()
+            return "250 OK (never seen by the client)"
         if mode in RCPT_REPLIES:
             if mode == "421":
-                # The server keeps the line open a moment: a client that reuses the session would show here.
-                self._closing.add(id(session))
-                asyncio.get_running_loop().call_later(0.5, server.transport.close)
+                self._hang_up_after_421(server, session)
             return RCPT_REPLIES[mode]
         self._modes[id(session)][address.lower()] = mode
         envelope.rcpt_tos.append(address)
@@ -94,8 +101,12 @@ class FaultySmtp:
                           options: list[str]) -> str:
         if id(session) in self._closing:
             self.after_421.append(f"MAIL {address}")
-        if self.sender_reply:
-            return self.sender_reply
+        with self.lock:
+            reply = self.sender_replies.pop(0) if self.sender_replies else self.sender_reply
+        if reply:
+            if reply.startswith("421"):
+                self._hang_up_after_421(server, session)
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -105,6 +116,9 @@ class FaultySmtp:
         mode = next((modes.get(r.lower(), "ok") for r in envelope.rcpt_tos), "ok")
         if mode == "554-data":
             return "554 5.6.0 Message content rejected"
+        if mode == "421-data":
+            asyncio.get_running_loop().call_later(0.5, server.transport.close)
+            return "421 4.3.2 Service shutting down"
         with self.lock:
             self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         if mode == "drop":
@@ -113,6 +127,11 @@ class FaultySmtp:
         if mode == "hang":
             await asyncio.sleep(self.hang_seconds)
         return "250 2.0.0 OK"
+
+    def _hang_up_after_421(self, server: Any, session: Any) -> None:
+        # The server keeps the line open a moment: a client that reuses the session would show here.
+        self._closing.add(id(session))
+        asyncio.get_running_loop().call_later(0.5, server.transport.close)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:

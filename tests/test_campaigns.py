@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
-from mailer import queue, tokens
+from mailer import campaigns, queue, store, tokens
 from mailer.db import session_scope
-from mailer.models import Subscriber
+from mailer.models import Delivery, Subscriber, utcnow
+from mailer.recorder import Recorder
 from mailer.web.app import create_app
 from tests.campaign_helpers import create, deliveries, wait_until
 from tests.conftest import ADMIN_TOKEN, SmtpSink, make_readers, subscriber_row
@@ -270,3 +274,83 @@ def test_dkim_signature_verifies(admin: TestClient, smtp: SmtpSink, env: Callabl
         for header in (b"from", b"subject", b"list-unsubscribe", b"list-unsubscribe-post"):
             assert header in signed.split(b"h=")[1].split(b";")[0].split(b":")
         assert dkim.verify(mail.data, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_error_after_the_hand_over_leaves_unknown(admin: TestClient, env: Callable[..., None],
+                                                  tmp_path: Path) -> None:
+    """A transport that fails after the hand-over said "go" may have sent the mail: the delivery ends
+    `unknown` with its Message-ID, and is not retried."""
+    blocked = tmp_path / "outbox-file"
+    blocked.write_text("a file where the outbox directory should be")
+    env(smtp_url="", outbox_dir=str(blocked), pause_failure_rate="1")
+    make_readers(2)
+    campaign_id = create(admin)
+    admin.post(f"/api/campaigns/{campaign_id}/send")
+    done = wait_until(admin, campaign_id, timeout=20)
+    assert done["counts"]["unknown"] == 2
+    for row in deliveries(campaign_id).values():
+        assert row.attempts == 1
+        assert row.message_id == f"<c{campaign_id}.d{row.id}@news.example.org>"
+        assert "NotADirectoryError" in (row.smtp_text or "")
+
+
+def _claimed(readers: int, worker: str) -> tuple[int, list[int]]:
+    """A sending campaign whose deliveries are all claimed by `worker`; returns its id and the delivery ids."""
+    make_readers(readers)
+    with session_scope() as session:
+        campaign_id = campaigns.create(session, subject="Petition", html="<p>Sign it.</p>").id
+    with session_scope() as session:
+        campaigns.start(session, campaign_id)
+        claims = store.claim_deliveries(session, campaign_id, worker, readers)
+    return campaign_id, [claim.delivery_id for claim in claims]
+
+
+def _hand_over(worker: str, delivery_ids: list[int]) -> None:
+    """Mark deliveries handed over through the recorder, as the loop does just before DATA."""
+    recorder = Recorder(worker, domain="news.example.org")
+
+    async def hand_over() -> list[str]:
+        return [await recorder.handover(delivery_id) for delivery_id in delivery_ids]
+
+    try:
+        assert asyncio.run(hand_over()) == ["go"] * len(delivery_ids)
+    finally:
+        recorder.close()
+
+
+def _states(campaign_id: int) -> dict[int, tuple[str, str | None]]:
+    return {row.id: (row.state.value, row.message_id) for row in deliveries(campaign_id).values()}
+
+
+@pytest.mark.parametrize("resend_unknown", [False, True])
+def test_a_stopping_loop_hands_back_by_the_unknown_policy(env: Callable[..., None], resend_unknown: bool) -> None:
+    """A loop that stops hands back untried claims as pending, and handed-over ones, with their Message-ID,
+    as `unknown`, or as pending when MAILER_RESEND_UNKNOWN=true."""
+    campaign_id, (first, second, untried) = _claimed(3, "loop-1")
+    _hand_over("loop-1", [first, second])
+    with session_scope() as session:
+        store.release_claims(session, "loop-1", resend_unknown=resend_unknown)
+    gone = "pending" if resend_unknown else "unknown"
+    assert _states(campaign_id) == {
+        first: (gone, f"<c{campaign_id}.d{first}@news.example.org>"),
+        second: (gone, f"<c{campaign_id}.d{second}@news.example.org>"),
+        untried: ("pending", None),
+    }
+
+
+def test_sweep_skips_claims_of_a_campaign_cancelled_after_its_worker_died(env: Callable[..., None]) -> None:
+    """Claims that a dead worker held on a campaign cancelled meanwhile are never pending again: the
+    tick makes untried ones skipped and the handed-over one `unknown`, with its Message-ID."""
+    campaign_id, (handed, *untried) = _claimed(3, "dead-worker")
+    _hand_over("dead-worker", [handed])
+    with session_scope() as session:
+        campaigns.cancel(session, campaign_id)
+        session.execute(update(Delivery).where(Delivery.campaign_id == campaign_id)
+                        .values(claimed_at=utcnow() - timedelta(hours=1)))
+    assert campaigns.tick()["swept"] == 3
+    assert _states(campaign_id) == {
+        handed: ("unknown", f"<c{campaign_id}.d{handed}@news.example.org>"),
+        **{delivery_id: ("skipped", None) for delivery_id in untried},
+    }
+    with session_scope() as session:
+        assert campaigns.progress(session, campaign_id).status == "cancelled"

@@ -41,6 +41,7 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
         ("MAILER_ADDRESS_DELIMITER", "#", "MAILER_ADDRESS_DELIMITER must be one of + - = _"),
         ("MAILER_SENDGRID_PUBLIC_KEY", "not-a-key", "MAILER_SENDGRID_PUBLIC_KEY is not an ECDSA public key"),
         ("MAILER_SNS_CERT_URL_PREFIXES", "ftp://certs", "MAILER_SNS_CERT_URL_PREFIXES has 'ftp://certs'"),
+        ("MAILER_TASK_SECONDS", "1201", "MAILER_TASK_SECONDS must be at most 1200 (a third of the broker's"),
     ],
 )
 def test_bad_setting_stops_with_one_sentence_naming_it(tmp_path: Path, variable: str, value: str, says: str) -> None:
@@ -328,3 +329,31 @@ def test_subscribers_search_and_show(tmp_path: Path, env, backend: str, smtp) ->
     missing = run(["subscribers", "show", "erin@example.org"], tmp_path, **settings)
     assert (missing.returncode, missing.stderr.strip()) == (
         1, "Error: email: No subscriber has the address erin@example.org.")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_resume_without_a_broker_leaves_the_sending_to_serve(tmp_path: Path, env, backend: str, smtp) -> None:  # type: ignore[no-untyped-def]
+    """Without a broker, `campaign resume` (like `send`) exits at once and sends nothing from its own
+    process, naming who will; `resume --wait` sends from here and shows the campaign finished."""
+    from mailer import campaigns
+    from mailer.db import session_scope
+    from tests.conftest import base_env, make_readers
+
+    make_readers(5)
+    with session_scope() as session:
+        campaign_id = campaigns.create(session, subject="Hi", html="<p>Sign the petition.</p>").id
+    with session_scope() as session:
+        campaigns.start(session, campaign_id)
+        campaigns.pause(session, campaign_id)
+    settings = base_env(backend, smtp.port, tmp_path / "outbox")
+    resumed = run(["campaign", "resume", str(campaign_id)], tmp_path, **settings)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Campaign {campaign_id} sending" in resumed.stdout
+    assert "No MAILER_BROKER_URL: a running `mailer serve` sends it" in resumed.stdout
+    assert smtp.messages == []
+    with session_scope() as session:
+        campaigns.pause(session, campaign_id)
+    waited = run(["campaign", "resume", str(campaign_id), "--wait"], tmp_path, **settings)
+    assert waited.returncode == 0, waited.stderr
+    assert f"Campaign {campaign_id} finished" in waited.stdout
+    assert len(smtp.wait_for(5)) == 5
