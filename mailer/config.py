@@ -62,6 +62,8 @@ class Settings(BaseSettings):
 
     # The sending engine. Connection and rate limits are per worker process.
     smtp_connections: int = Field(default=4, ge=1, le=100)
+    # Across every worker of the deployment (needs a Redis broker); 0: no cap beyond the per-process one.
+    smtp_max_connections: int = Field(default=0, ge=0, le=10_000)
     smtp_rate: float = Field(default=0.0, ge=0)
     domain_rate: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=200, ge=1, le=10_000)

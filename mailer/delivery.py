@@ -27,7 +27,7 @@ from mailer.sender import BeforeData, Envelope, Result, Transport, transport_for
 from mailer.sender import Outcome as SmtpOutcome
 from mailer.signing import sign
 from mailer.store import Claim, ReaderRow
-from mailer.throttle import Throttle, connections, shared_throttle
+from mailer.throttle import Leases, Throttle, connections, shared_throttle
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,15 @@ async def _run(campaign_id: int) -> bool:
     if permits == 0:
         return False  # Other loops in this process use every connection; they carry on with the work.
     worker = heartbeat.register()
+    # With MAILER_SMTP_MAX_CONNECTIONS, the deployment's cap may leave this loop fewer connections.
+    leases = Leases(settings)
+    granted = await asyncio.to_thread(leases.take, permits, worker)
+    if granted < permits:
+        connections.give_back(permits - granted)
+        permits = granted
+    if permits == 0:
+        heartbeat.unregister(worker)
+        return False  # Other loops of the deployment use every connection; they carry on with the work.
     recorder = Recorder(worker, domain=settings.list_domain)
     lanes = [transport_for(settings) for _ in range(permits)]
     throttle = shared_throttle(settings)
@@ -343,6 +352,7 @@ async def _run(campaign_id: int) -> bool:
             campaigns.skip_unsent(session, campaign_id)
         heartbeat.unregister(worker)
         connections.give_back(permits)
+        await asyncio.to_thread(leases.give_back, worker, permits)
     with session_scope() as session:
         campaigns.finish_if_done(session, campaign_id)
     log.info("campaign %s: send loop stopped; this process has rendered %d templates in all",
