@@ -109,11 +109,6 @@ class FailureWindow:
                 f"(the limit is {self.threshold:.0%}). Last reply: {self.last_failure}")
 
 
-def message_id(campaign_id: int, delivery_id: int, domain: str) -> str:
-    # The same delivery keeps its Message-ID on every attempt, so a receiver can drop a repeat.
-    return f"<c{campaign_id}.d{delivery_id}@{domain}>"
-
-
 class Batch:
     """Sends one batch of jobs over the lanes (one SMTP connection each), recording every answer."""
 
@@ -128,13 +123,12 @@ class Batch:
         self.sender_refused: Result | None = None
         self.held = False
 
-    def build(self, job: Job, *, eight_bit: bool) -> tuple[bytes, str]:
+    def build(self, job: Job, mid: str, *, eight_bit: bool) -> bytes:
         links = tokens.urls(job.reader.id)
-        mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
         reader = Reader(email=job.reader.email, name=job.reader.name, **links)
         data = self.templates.for_job(job).for_reader(reader).personalise(reader, message_id=mid,
                                                                            eight_bit=eight_bit)
-        return sign(data, self.settings), mid
+        return sign(data, self.settings)
 
     def envelope(self, job: Job, data: bytes = b"") -> Envelope:
         """The job's envelope, its own MAIL FROM and RCPT TO: the announced next envelope and the one sent
@@ -142,15 +136,17 @@ class Batch:
         # Each delivery's own return path (VERP), so a bounce names the delivery it is about.
         return Envelope(addresses.return_path(job.claim.delivery_id), job.reader.email, data)
 
-    def _turn(self, job: Job) -> tuple[list[str], BeforeData]:
-        """The job's hand-over check for the transport, and the list its answer lands in."""
+    def _turn(self, job: Job) -> tuple[list[str], BeforeData, str]:
+        """The job's hand-over check for the transport, the list its answer lands in, and its Message-ID."""
         verdict: list[str] = []
+        # Signed (addresses.message_id): made once per delivery, for the mail, its hand-over and its record.
+        mid = addresses.message_id(self.campaign_id, job.claim.delivery_id)
 
         async def handover() -> bool:
-            verdict.append(await self.recorder.handover(job.claim.delivery_id))
+            verdict.append(await self.recorder.handover(job.claim.delivery_id, mid))
             return verdict[-1] == "go"
 
-        return verdict, handover
+        return verdict, handover, mid
 
     async def _give_back(self, transport: Transport, job: Job, verdict: list[str]) -> None:
         """The lane stops before sending `job`, which may already be announced to the transport."""
@@ -171,18 +167,17 @@ class Batch:
         job = next(jobs, None)
         turn = self._turn(job) if job is not None else None
         while job is not None and turn is not None:
-            verdict, handover = turn
+            verdict, handover, mid = turn
             if self.sender_refused is not None or self.held:
                 # The other jobs stay claimed and untried; the loop hands them back.
                 await self._give_back(transport, job, verdict)
                 return
             upcoming = next(jobs, None) if chain else None
             upcoming_turn = self._turn(upcoming) if upcoming is not None else None
-            mid = message_id(self.campaign_id, job.claim.delivery_id, self.settings.list_domain)
             sending = False
             try:
                 await self.throttle.take(job.reader.email)
-                data, mid = self.build(job, eight_bit=await transport.eight_bit())
+                data = self.build(job, mid, eight_bit=await transport.eight_bit())
                 envelope = self.envelope(job, data)
                 if upcoming is not None and upcoming_turn is not None:
                     transport.announce(self.envelope(upcoming), upcoming_turn[1])
@@ -292,7 +287,7 @@ async def _run(campaign_id: int) -> bool:
     if permits == 0:
         heartbeat.unregister(worker)
         return False  # Other loops of the deployment use every connection; they carry on with the work.
-    recorder = Recorder(worker, domain=settings.list_domain)
+    recorder = Recorder(worker)
     lanes = [transport_for(settings) for _ in range(permits)]
     throttle = shared_throttle(settings)
     window = FailureWindow(size=settings.pause_failure_window, threshold=settings.pause_failure_rate)

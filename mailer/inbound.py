@@ -7,9 +7,9 @@
                  ─▶ the policy (bounces.py)
 
 A message is acted on only when it names one of our readers through something we signed (a return
-path, a mailto or an unsubscribe link) or through both our Message-ID and the reader's address, or
-when an authenticated provider names the address. Anything else is `unclassified`: kept, listed for
-an admin, and never deleted from a mailbox.
+path, a mailto or an unsubscribe link) or through both our signed Message-ID and the reader's address,
+or when an authenticated provider names the address. Anything else, a report about someone else's mail
+included, is `unclassified`: kept, listed for an admin, and never deleted from a mailbox.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session
 from mailer import addresses, bounces, queue, reports, subscriptions, tokens
 from mailer.addresses import Tagged
 from mailer.bounces import Severity
-from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import InvalidEmail, TokenError
 from mailer.models import Delivery, InboundKind, InboundMessage, Notice, Subscriber, utcnow
@@ -91,12 +90,12 @@ class Verdict:
 
 
 def _message_id_delivery(session: Session, message_id: str) -> Delivery | None:
-    domain = re.escape(get_settings().list_domain)
-    found = re.search(rf"<c(\d{{1,18}})\.d(\d{{1,18}})@{domain}>", message_id or "", re.IGNORECASE)
-    if found is None:
+    # Only a Message-ID whose signature verifies: the ids in it are sequential, so anyone can guess them.
+    ours = addresses.read_message_id(message_id)
+    if ours is None:
         return None
-    delivery = session.get(Delivery, int(found.group(2)))
-    if delivery is None or delivery.campaign_id != int(found.group(1)):
+    delivery = session.get(Delivery, ours[1])
+    if delivery is None or delivery.campaign_id != ours[0]:
         return None
     return delivery
 
@@ -113,7 +112,8 @@ def _tagged_owner(session: Session, tagged: Tagged) -> tuple[Subscriber | None, 
 
 def _from_original(session: Session, original: Message | None, named: set[str]
                    ) -> tuple[Subscriber | None, Delivery | None, str]:
-    """Whose mail the quoted original was: by a token we signed, or by our Message-ID plus the reader's address."""
+    """Whose mail the quoted original was: by a token we signed, or by our signed Message-ID plus the reader's
+    address."""
     if original is None:
         return None, None, ""
     delivery = _message_id_delivery(session, str(original.get("Message-ID") or ""))
@@ -137,7 +137,7 @@ def _from_original(session: Session, original: Message | None, named: set[str]
         subscriber = session.get(Subscriber, delivery.subscriber_id)
         quoted = {a.lower() for _n, a in getaddresses([str(v) for v in original.get_all("To") or []])}
         if subscriber is not None and subscriber.email_key in (named | quoted):
-            return subscriber, delivery, "our Message-ID and the reader's address"
+            return subscriber, delivery, "our signed Message-ID and the reader's address"
     return None, None, ""
 
 
@@ -234,14 +234,17 @@ def _read_mail(session: Session, row: InboundMessage) -> Verdict:
         return verdict
 
     failed, delayed = report.failed(), report.delayed()
+    if subscriber is None:
+        # Before anything else: a report about someone else's mail, even a harmless one, is never ours to
+        # dismiss (an ignored mailbox message is deleted).
+        where = ", ".join(sorted(named)) or "no address"
+        what = "A bounce" if failed or delayed else "A delivery report with no failure"
+        verdict.detail = (f"{what} for {where} that names none of our deliveries by anything we signed. "
+                          "Kept for a person to read.")
+        return verdict
     if not failed and not delayed:
         verdict.kind = InboundKind.ignored
         verdict.detail = "A delivery report with no failure (delivered, relayed or expanded): nothing to do."
-        return verdict
-    if subscriber is None:
-        where = ", ".join(sorted(named)) or "no address"
-        verdict.detail = (f"A bounce for {where} that names none of our deliveries by anything we signed. "
-                          "Kept for a person to read.")
         return verdict
     if not failed:
         first = delayed[0]

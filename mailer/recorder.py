@@ -1,8 +1,8 @@
 """Writes delivery progress to the database from a thread of its own, with group commit.
 
 The sending coroutines ask for two things per message:
-  * `handover(id)` just before DATA: re-checks the reader (confirmed, not suppressed) and marks the
-    delivery as handed over, in a commit that must land before DATA is sent;
+  * `handover(id, message_id)` just before DATA: re-checks the reader (confirmed, not suppressed) and
+    marks the delivery as handed over, with its Message-ID, in a commit that must land before DATA is sent;
   * `record(...)` after the server's answer: the delivery's final or next state.
 Each commit carries whatever was asked for since the last one: with several SMTP connections in
 flight that is a handful of rows, never a whole batch, so the window between a server's 250 and
@@ -20,7 +20,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, String, Table, bindparam, cast, exists, literal, select, update
+from sqlalchemy import BindParameter, Connection, Table, bindparam, exists, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY as postgresql_array
 from sqlalchemy.orm import Session
 
 from mailer import bounces
@@ -59,6 +60,8 @@ class _Op:
     kind: str
     delivery_id: int = 0
     outcome: Outcome | None = None
+    # A hand-over's: the signed Message-ID of the mail (addresses.message_id).
+    message_id: str | None = None
     future: asyncio.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,28 +87,37 @@ _IDS: BindParameter[Any] = bindparam("ids")
 class _Statements:
     held: Any
     handover: Any
+    # Where the hand-over cannot write each row's own Message-ID (not PostgreSQL): one row at a time after it.
+    handover_message_ids: Any | None
     first_failure: Any
     sent: Any
-
-
-# <c{campaign}.d{delivery}@domain>, as delivery.message_id makes it, built in SQL from the row itself.
-_MESSAGE_ID = (literal("<c") + cast(_DELIVERIES.c.campaign_id, String) + literal(".d")
-               + cast(_DELIVERIES.c.id, String) + bindparam("id_domain"))
 
 
 @lru_cache(maxsize=2)
 def _statements(postgresql: bool) -> _Statements:
     """Core statements built once per dialect: the recorder runs them thousands of times a second."""
     held = select(_DELIVERIES.c.id).where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql), ~_CAMPAIGN_SENDING)
+    # The Message-ID goes in with the mark, so a delivery that ends `unknown` (swept, handed back) names
+    # the mail an operator can look for in the server's logs. It is signed, so SQL cannot make it: on
+    # PostgreSQL each marked row picks its own from the (id, Message-ID) pairs passed with the ids, in the
+    # one statement. (Joining those pairs instead made the planner scan every claimed row of the campaign.)
+    handover_message_ids = None
+    values: dict[str, Any] = {}
+    if postgresql:
+        pairs = func.unnest(bindparam("ids", type_=postgresql_array(_DELIVERIES.c.id.type)),
+                            bindparam("message_ids", type_=postgresql_array(_DELIVERIES.c.message_id.type))
+                            ).table_valued("id", "message_id").render_derived("handed")
+        values["message_id"] = select(pairs.c.message_id).where(pairs.c.id == _DELIVERIES.c.id).scalar_subquery()
+    else:
+        handover_message_ids = (update(_DELIVERIES).where(_DELIVERIES.c.id == bindparam("b_id"))
+                                .values(message_id=bindparam("b_message_id")))
     handover = (
         update(_DELIVERIES)
         .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql),
                _DELIVERIES.c.state == DeliveryState.sending.value,
                _DELIVERIES.c.claimed_by == bindparam("worker"),
                _ELIGIBLE)
-        # The Message-ID goes in with the mark, so a delivery that ends `unknown` (swept, handed back)
-        # names the mail an operator can look for in the server's logs.
-        .values(handed_over_at=bindparam("now"), message_id=_MESSAGE_ID)
+        .values(handed_over_at=bindparam("now"), **values)
         .returning(_DELIVERIES.c.id)
     )
 
@@ -115,15 +127,17 @@ def _statements(postgresql: bool) -> _Statements:
         .values(first_failed_at=bindparam("now"))
     )
 
-    # Most answers are 250s: one statement marks them all, instead of one row at a time.
+    # Most answers are 250s: one statement marks them all, instead of one row at a time. A 250 follows a
+    # hand-over, which wrote the Message-ID.
     sent = (
         update(_DELIVERIES)
         .where(one_of(_DELIVERIES.c.id, _IDS, postgresql=postgresql),
                _DELIVERIES.c.claimed_by == bindparam("worker"))
         .values(state=DeliveryState.sent.value, sent_at=bindparam("now"), smtp_code=250, smtp_text=None,
-                next_attempt_at=None, claimed_by=None, message_id=_MESSAGE_ID)
+                next_attempt_at=None, claimed_by=None)
     )
-    return _Statements(held=held, handover=handover, first_failure=first_failure, sent=sent)
+    return _Statements(held=held, handover=handover, handover_message_ids=handover_message_ids,
+                       first_failure=first_failure, sent=sent)
 
 
 _RESULT = (
@@ -152,10 +166,8 @@ def _settle(futures: list[tuple[asyncio.Future[Any], Any]], error: BaseException
 
 
 class Recorder:
-    def __init__(self, worker: str, *, domain: str) -> None:
+    def __init__(self, worker: str) -> None:
         self.worker = worker
-        # Message-IDs are <c{campaign}.d{delivery}@domain> (delivery.message_id), written by SQL for 250s.
-        self.domain = domain
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="mailer-recorder", daemon=True)
@@ -170,10 +182,11 @@ class Recorder:
         self._queue.put(op)
         return op.future
 
-    async def handover(self, delivery_id: int) -> str:
-        """Re-check and mark the delivery handed over. Answers "go"; "skip" when the reader left or was
-        suppressed; "hold" when the campaign was paused or cancelled (the claim is then handed back)."""
-        return str(await self._submit(_Op("handover", delivery_id)))
+    async def handover(self, delivery_id: int, message_id: str) -> str:
+        """Re-check and mark the delivery handed over, with the Message-ID of its mail. Answers "go"; "skip"
+        when the reader left or was suppressed; "hold" when the campaign was paused or cancelled (the claim
+        is then handed back)."""
+        return str(await self._submit(_Op("handover", delivery_id, message_id=message_id)))
 
     def record(self, outcome: Outcome) -> None:
         """Queue a result; nobody waits for it (flush() does), so it carries no future to settle."""
@@ -233,8 +246,7 @@ class Recorder:
             with connection.begin():
                 sent = [r.delivery_id for r in records if r.state is DeliveryState.sent]
                 if sent:
-                    connection.execute(statements.sent, {"ids": sent, "worker": self.worker, "now": now,
-                                               "id_domain": f"@{self.domain}>"})
+                    connection.execute(statements.sent, {"ids": sent, "worker": self.worker, "now": now})
                 records = [r for r in records if r.state is not DeliveryState.sent]
                 if records:
                     connection.execute(_RESULT, [
@@ -254,9 +266,13 @@ class Recorder:
                             session.commit()
                 if handovers:
                     ids = [op.delivery_id for op in handovers]
-                    marked = set(connection.scalars(statements.handover,
-                                                    {"ids": ids, "worker": self.worker, "now": now,
-                                                     "id_domain": f"@{self.domain}>"}))
+                    marked = set(connection.scalars(statements.handover, {
+                        "ids": ids, "message_ids": [op.message_id for op in handovers], "worker": self.worker,
+                        "now": now}))
+                    if statements.handover_message_ids is not None and marked:
+                        connection.execute(statements.handover_message_ids, [
+                            {"b_id": op.delivery_id, "b_message_id": op.message_id}
+                            for op in handovers if op.delivery_id in marked])
                     refused = [i for i in ids if i not in marked]
                     held = set(connection.scalars(statements.held, {"ids": refused})) if refused else set()
                     for op in handovers:

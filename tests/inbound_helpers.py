@@ -44,7 +44,7 @@ class Sent:
 
     @property
     def message_id(self) -> str:
-        return f"<c{self.campaign_id}.d{self.delivery_id}@news.example.org>"
+        return addresses.message_id(self.campaign_id, self.delivery_id)
 
     @property
     def list_unsubscribe(self) -> str:

@@ -78,6 +78,24 @@ def test_a_message_leaves_the_mailbox_only_once_it_is_understood(mailbox: Doveco
     assert len(inbound_rows()) == 5
 
 
+def test_a_success_report_about_someone_elses_mail_stays_in_the_mailbox(mailbox: Dovecot) -> None:
+    """A "relayed" DSN for one of our deliveries is understood and deleted; the same kind of report about a mail
+    we did not send (a colleague's, with the plain bounce address as sender) stays, listed as unclassified."""
+    [sent] = sent_campaign(1)
+    mailbox.append(sample("postfix_delivered", **sent.values()))
+    mailbox.append(sample("postfix_delivered", rcpt="editor@example.net").replace(
+        b"Subject: Successful Mail Delivery Report", b"Subject: Successful Mail Delivery Report (colleague)", 1))
+    assert imap.poll() == {"deleted": 0, "stored": 2}
+    queue.drain()
+    assert imap.poll() == {"deleted": 1, "stored": 0}
+    assert mailbox.subjects() == ["Successful Mail Delivery Report (colleague)"]
+    ours, unrelated = inbound_rows()
+    assert (ours.kind, ours.delivery_id, ours.removed_at is not None) == (InboundKind.ignored, sent.delivery_id, True)
+    assert (unrelated.kind, unrelated.subscriber_id, unrelated.removed_at) == (InboundKind.unclassified, None, None)
+    assert imap.poll() == {"deleted": 0, "stored": 0}
+    assert mailbox.subjects() == ["Successful Mail Delivery Report (colleague)"]
+
+
 def test_the_tick_polls_the_mailbox_and_its_task_processes_what_came(mailbox: Dovecot,
                                                                      env: Callable[..., None]) -> None:
     """With MAILER_INBOUND_URL set, the periodic tick queues a poll; the complaint it finds is processed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -28,6 +29,7 @@ from tests.inbound_helpers import sample, sent_campaign, take_in
 @pytest.mark.parametrize(("name", "kind", "action", "status"), [
     ("postfix_user_unknown", "dsn", "failed", "5.1.1"),
     ("postfix_delayed", "dsn", "delayed", "4.4.1"),
+    ("postfix_delivered", "dsn", "relayed", "2.0.0"),
     ("gmail_user_unknown", "dsn", "failed", "5.1.1"),
     ("gmail_mailbox_full", "dsn", "failed", "5.2.2"),
     ("outlook_recipient_not_found", "dsn", "failed", "5.1.10"),
@@ -94,7 +96,7 @@ def test_a_return_path_with_a_forged_token_names_nobody(env: Callable[..., None]
 
 
 def test_without_a_return_path_our_message_id_and_the_address_must_agree(env: Callable[..., None]) -> None:
-    """An old mail's bounce (plain bounce address) is matched by Message-ID only when the address agrees."""
+    """A bounce to the plain bounce address is matched by our signed Message-ID only when the address agrees."""
     first, second = sent_campaign(2)
     # The quoted original names first's delivery but the report is about second's address: not trusted.
     mismatched = {"rcpt": second.email, "message_id": first.message_id, "list_unsubscribe": "<https://x.test/u>"}
@@ -106,6 +108,63 @@ def test_without_a_return_path_our_message_id_and_the_address_must_agree(env: Ca
     row = take_in(sample("outlook_recipient_not_found", **matched))
     assert (row.kind, row.delivery_id) == (InboundKind.bounce, first.delivery_id)
     assert subscriber_row(first.email).status is Status.bounced
+
+
+def test_a_message_id_names_its_delivery_only_with_its_own_signature(env: Callable[..., None]) -> None:
+    """Our Message-ID reads back as (campaign, delivery), whatever its case; moved to other ids, with a return
+    path's signature, or on another domain, it names nothing."""
+    from mailer import addresses
+
+    signed = addresses.message_id(3, 41)
+    assert re.fullmatch(r"<c3\.d41\.[a-z2-7]{16}@news\.example\.org>", signed)
+    assert addresses.read_message_id(f"In-Reply-To: {signed.upper()}") == (3, 41)
+    signature = signed.split(".")[2].split("@")[0]
+    verp_signature = addresses.return_path(41).split("-")[-1].split("@")[0]
+    for forged in (f"<c3.d42.{signature}@news.example.org>", f"<c4.d41.{signature}@news.example.org>",
+                   f"<c3.d41.{verp_signature}@news.example.org>", signed.replace("news.example.org", "example.net")):
+        assert addresses.read_message_id(forged) is None, forged
+
+
+@pytest.mark.parametrize("name", ["postfix_user_unknown", "yahoo_arf"])
+@pytest.mark.parametrize("signature", ["unsigned", "badly signed"])
+def test_a_forged_report_quoting_a_guessed_message_id_changes_nothing(env: Callable[..., None], name: str,
+                                                                      signature: str) -> None:
+    """Campaign and delivery ids are sequential: a bounce or complaint sent to the plain bounce address that
+    quotes <c{campaign}.d{delivery}…@our domain> without our signature, or with a wrong one, plus the
+    reader's own address, suppresses nobody and is kept for a person."""
+    first, second = sent_campaign(2)
+    ids = f"c{first.campaign_id}.d{first.delivery_id}"
+    forged_id = f"<{ids}@news.example.org>" if signature == "unsigned" else f"<{ids}.{'a' * 16}@news.example.org>"
+    assert forged_id != first.message_id
+    forged = {"rcpt": first.email, "message_id": forged_id, "list_unsubscribe": "<https://example.net/u>"}
+    row = take_in(sample(name, **forged), rcpt_to=["bounces@news.example.org"])
+    assert (row.kind, row.subscriber_id, row.delivery_id) == (InboundKind.unclassified, None, None)
+    assert "names none of our" in row.detail
+    for sent in (first, second):
+        reader = subscriber_row(sent.email)
+        assert reader is not None
+        assert (reader.status, reader.bounce_score) == (Status.confirmed, 0)
+        assert _suppressed(sent.email) is None
+    # The same report quoting the Message-ID the mail really carried is acted on.
+    row = take_in(sample(name, **{**forged, "message_id": first.message_id}), rcpt_to=["bounces@news.example.org"])
+    assert (row.kind, row.delivery_id) == (InboundKind.bounce if name.startswith("postfix") else InboundKind.complaint,
+                                           first.delivery_id)
+
+
+def test_a_success_report_is_ours_to_dismiss_only_when_it_names_our_delivery(env: Callable[..., None]) -> None:
+    """A "delivered" or "relayed" DSN for one of our deliveries needs nothing (ignored); the same report about
+    someone else's mail names none of our readers, so it is unclassified: kept and listed for an admin."""
+    [sent] = sent_campaign(1)
+    ours = take_in(sample("postfix_delivered", **sent.values()), rcpt_to=[sent.return_path])
+    assert (ours.kind, ours.delivery_id) == (InboundKind.ignored, sent.delivery_id)
+    unrelated = take_in(sample("postfix_delivered", rcpt="editor@example.net"),
+                        rcpt_to=["bounces@news.example.org"])
+    assert (unrelated.kind, unrelated.subscriber_id) == (InboundKind.unclassified, None)
+    assert "A delivery report with no failure for editor@example.net that names none of our deliveries" \
+        in unrelated.detail
+    reader = subscriber_row(sent.email)
+    assert reader is not None
+    assert (reader.status, reader.bounce_score) == (Status.confirmed, 0)
 
 
 def test_a_delay_warning_counts_nothing(env: Callable[..., None]) -> None:
