@@ -4,7 +4,8 @@ Each poll (the `poll_mailbox` task, queued by the periodic tick every MAILER_INB
 
     1. delete the messages whose rows were understood (a bounce, complaint, delay, unsubscribe, or a
        report that needs nothing), by the UID they were stored under;
-    2. store every message not seen before (inbound.receive, keyed by UIDVALIDITY and UID) and queue it.
+    2. store every message not seen before (inbound.receive, keyed by UIDVALIDITY and UID) and queue it;
+       one over MAILER_INBOUND_MAX_BYTES is listed for an admin, unread (inbound.keep_too_large).
 
 So a message leaves the mailbox only after it was understood, and mail that was not understood,
 including unrelated mail, stays there for a person. Polls that overlap store nothing twice.
@@ -143,7 +144,14 @@ def _import_new(client: imaplib.IMAP4, prefix: str) -> int:
             head, raw = item
             fields = head.decode(errors="replace").replace("(", " ").split()
             uid = fields[fields.index("UID") + 1] if "UID" in fields else ""
-            if not uid or len(raw) > max_bytes:
+            if not uid:
+                continue
+            if len(raw) > max_bytes:
+                # Listed once (its row marks the UID seen), so the next poll neither fetches nor warns again.
+                if inbound.keep_too_large(channel="imap", raw=bytes(raw), source_ref=prefix + uid) is not None:
+                    log.warning("mailbox message %s%s is too large (%d bytes, MAILER_INBOUND_MAX_BYTES is %d): "
+                                "left in the mailbox and listed for an admin", prefix, uid, len(raw), max_bytes)
+                    stored += 1
                 continue
             if inbound.receive(channel="imap", raw=bytes(raw), source_ref=prefix + uid) is not None:
                 stored += 1

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from mailer import addresses, bounces, queue, reports, subscriptions, tokens
 from mailer.addresses import Tagged
 from mailer.bounces import Severity
+from mailer.config import get_settings
 from mailer.db import session_scope
 from mailer.errors import InvalidEmail, TokenError
 from mailer.models import Delivery, InboundKind, InboundMessage, Notice, Subscriber, utcnow
@@ -43,8 +44,11 @@ UNSUBSCRIBE_LINK = re.compile(r"/unsubscribe/(\d{1,18}\.[A-Za-z0-9_-]{22})")
 
 def _subject(raw: bytes) -> str:
     from email.header import decode_header, make_header
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
 
-    header = reports.parse_message(raw).get("Subject") or ""
+    # The headers are enough: the body may be large, and nothing in it is the subject.
+    header = BytesHeaderParser(policy=compat32).parsebytes(raw).get("Subject") or ""
     try:
         return str(make_header(decode_header(str(header))))[:500]
     except (ValueError, LookupError):
@@ -58,19 +62,33 @@ def receive(*, channel: str, raw: bytes, mail_from: str = "", rcpt_to: list[str]
     row = InboundMessage(channel=channel, raw=raw, mail_from=mail_from[:500], rcpt_to=", ".join(rcpt_to or []),
                          source_ref=source_ref, subject=subject if subject is not None else _subject(raw),
                          kind=InboundKind.pending)
+    inbound_id = _store(row)
+    if inbound_id is not None and dispatch:
+        queue.dispatch("process_inbound", inbound_id)
+    return inbound_id
+
+
+def keep_too_large(*, channel: str, raw: bytes, source_ref: str) -> int | None:
+    """A mail over MAILER_INBOUND_MAX_BYTES that stays where it is (a mailbox): listed for an admin as
+    `unclassified`, without its body, and never processed. None when `source_ref` was listed before."""
+    detail = (f"Too large: {len(raw)} bytes (MAILER_INBOUND_MAX_BYTES is {get_settings().inbound_max_bytes}). "
+              "Not read, and left in the mailbox for a person.")
+    return _store(InboundMessage(channel=channel, raw=b"", source_ref=source_ref, subject=_subject(raw),
+                                 kind=InboundKind.unclassified, detail=detail, processed_at=utcnow()))
+
+
+def _store(row: InboundMessage) -> int | None:
+    """Add the row; None when a row from the same source exists, so nothing is added or done twice."""
     try:
         with session_scope() as session:
-            if source_ref is not None and session.scalar(
-                    select(InboundMessage.id).where(InboundMessage.source_ref == source_ref)) is not None:
+            if row.source_ref is not None and session.scalar(
+                    select(InboundMessage.id).where(InboundMessage.source_ref == row.source_ref)) is not None:
                 return None
             session.add(row)
             session.flush()
-            inbound_id = row.id
+            return row.id
     except IntegrityError:
         return None  # Another process stored the same source at the same moment.
-    if dispatch:
-        queue.dispatch("process_inbound", inbound_id)
-    return inbound_id
 
 
 @dataclass

@@ -96,6 +96,28 @@ def test_a_success_report_about_someone_elses_mail_stays_in_the_mailbox(mailbox:
     assert mailbox.subjects() == ["Successful Mail Delivery Report (colleague)"]
 
 
+def test_a_message_over_the_size_limit_is_listed_once_and_never_deleted(mailbox: Dovecot, env: Callable[..., None],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A message over MAILER_INBOUND_MAX_BYTES is not read: one unclassified row says its size (without the body),
+    one warning is logged, and further polls neither list it again nor delete it."""
+    env(inbound_max_bytes="10000")
+    [sent] = sent_campaign(1)
+    big = sample("human_reply", **sent.values()) + b"> quoted petition text, line after line\r\n" * 400
+    mailbox.append(big)
+    mailbox.append(sample("postfix_user_unknown", **sent.values()))
+    assert imap.poll() == {"deleted": 0, "stored": 2}
+    queue.drain()
+    too_large = next(row for row in inbound_rows() if row.kind is not InboundKind.bounce)
+    assert too_large.kind is InboundKind.unclassified
+    assert too_large.detail.startswith(f"Too large: {len(big)} bytes (MAILER_INBOUND_MAX_BYTES is 10000)")
+    assert (too_large.raw, too_large.subject) == (b"", "Re: Petition: talks, not tanks")
+    assert imap.poll() == {"deleted": 1, "stored": 0}  # The bounce goes; the big message stays.
+    assert imap.poll() == {"deleted": 0, "stored": 0}
+    assert mailbox.subjects() == ["Re: Petition: talks, not tanks"]
+    assert len(inbound_rows()) == 2
+    assert caplog.text.count("is too large") == 1
+
+
 def test_the_tick_polls_the_mailbox_and_its_task_processes_what_came(mailbox: Dovecot,
                                                                      env: Callable[..., None]) -> None:
     """With MAILER_INBOUND_URL set, the periodic tick queues a poll; the complaint it finds is processed."""
