@@ -10,7 +10,8 @@
     block        (x.3.x mail system, x.6.x content, x.7.x policy and security: spam filters, DMARC, a
                  blocklisted IP) ──▶ recorded, counts nothing against the reader
     complaint    ──▶ subscriber `complained`, address suppressed at once; the campaign pauses itself when
-                     its complaints pass MAILER_PAUSE_COMPLAINT_RATE of its sent mails
+                     its complaints pass MAILER_PAUSE_COMPLAINT_RATE of its sent mails, once it has sent
+                     MAILER_PAUSE_COMPLAINT_MIN_SENT
 
 Blocks say something about the sender or the message, not the address: a mailer that counts them
 against readers drops half its list the week a big provider distrusts its IP. A campaign that many
@@ -114,15 +115,18 @@ def complaint(session: Session, *, subscriber: Subscriber, detail: str, origin: 
 
 
 def check_complaint_rate(session: Session, campaign_id: int) -> str | None:
-    """Pause a sending campaign whose complaints passed the limit; returns the reason when it paused."""
+    """Pause a sending campaign whose complaints passed the limit; returns the reason when it paused.
+    Below MAILER_PAUSE_COMPLAINT_MIN_SENT sent mails there is no rate to judge yet: nothing pauses."""
     settings = get_settings()
+    sent = session.scalar(select(func.count()).select_from(Delivery).where(
+        Delivery.campaign_id == campaign_id, Delivery.state == DeliveryState.sent)) or 0
+    if sent < settings.pause_complaint_min_sent:
+        return None
     complaints = session.scalar(
         select(func.count(distinct(InboundMessage.subscriber_id)))
         .where(InboundMessage.campaign_id == campaign_id, InboundMessage.kind == InboundKind.complaint)
     ) or 0
-    sent = session.scalar(select(func.count()).select_from(Delivery).where(
-        Delivery.campaign_id == campaign_id, Delivery.state == DeliveryState.sent)) or 0
-    rate = complaints / max(sent, 1)
+    rate = complaints / sent
     if rate <= settings.pause_complaint_rate:
         return None
     status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))

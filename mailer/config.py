@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     soft_bounce_threshold: float = Field(default=5.0, gt=0)
     soft_bounce_days: float = Field(default=7.0, gt=0)
     pause_complaint_rate: float = Field(default=0.003, gt=0, le=1)
+    # Below this many sent mails one early complaint is noise, not a rate (it would be 100% after one mail).
+    pause_complaint_min_sent: int = Field(default=1000, ge=1)
     sns_topic_arns: Annotated[list[str], NoDecode] = []
     sns_cert_url_prefixes: Annotated[list[str], NoDecode] = []
     postmark_webhook_user: str = ""

@@ -221,7 +221,9 @@ def test_the_soft_bounce_score_starts_again_after_a_quiet_week(env: Callable[...
 @pytest.mark.parametrize("name", ["yahoo_arf", "outlook_jmrp_arf"])
 def test_a_complaint_suppresses_at_once_and_pauses_a_campaign_past_the_rate(env: Callable[..., None],
                                                                             name: str) -> None:
-    """One complaint in 100 sent mails (1% > 0.3%) marks the reader complained and pauses the campaign."""
+    """With MAILER_PAUSE_COMPLAINT_MIN_SENT at 100, one complaint in 100 sent mails (1% > 0.3%) marks the reader
+    complained and pauses the campaign, saying why."""
+    env(pause_complaint_min_sent="100")
     sent = sent_campaign(100)
     target = sent[42]
     # Outlook's JMRP goes to the address registered for it, not to the return path: the quoted original says whose.
@@ -238,9 +240,37 @@ def test_a_complaint_suppresses_at_once_and_pauses_a_campaign_past_the_rate(env:
         assert "1 spam complaint for 100 mails sent (1.00%; the limit is 0.30%)" in campaign.status_reason
 
 
+def test_a_complaint_before_the_minimum_sent_suppresses_but_does_not_pause(env: Callable[..., None]) -> None:
+    """Below MAILER_PAUSE_COMPLAINT_MIN_SENT (here 101) there is no rate yet: one complaint in the first 100
+    mails (1%, past 0.3%) still marks the reader complained and suppressed, and the campaign keeps sending."""
+    env(pause_complaint_min_sent="101")
+    sent = sent_campaign(100)
+    row = take_in(sample("yahoo_arf", **sent[7].values()))
+    assert (row.kind, row.campaign_id) == (InboundKind.complaint, sent[7].campaign_id)
+    assert subscriber_row(sent[7].email).status is Status.complained
+    assert _suppressed(sent[7].email) == "complaint"
+    with session_scope() as session:
+        campaign = session.get(Campaign, sent[7].campaign_id)
+        assert campaign is not None
+        assert campaign.status is CampaignStatus.sending
+        assert not campaign.status_reason
+
+
+def test_the_complaint_minimum_defaults_to_a_thousand_sent_mails(env: Callable[..., None]) -> None:
+    """By default (MAILER_PAUSE_COMPLAINT_MIN_SENT 1000) a complaint in a campaign's first mails pauses nothing."""
+    from mailer.config import get_settings
+
+    assert get_settings().pause_complaint_min_sent == 1000
+    sent = sent_campaign(3)
+    take_in(sample("yahoo_arf", **sent[0].values()))
+    assert subscriber_row(sent[0].email).status is Status.complained
+    with session_scope() as session:
+        assert session.get(Campaign, sent[0].campaign_id).status is CampaignStatus.sending  # type: ignore[union-attr]
+
+
 def test_complaints_under_the_rate_do_not_pause(env: Callable[..., None]) -> None:
-    """With the limit at 5%, one complaint in 100 mails leaves the campaign sending."""
-    env(pause_complaint_rate="0.05")
+    """Past the minimum, with the limit at 5%, one complaint in 100 mails leaves the campaign sending."""
+    env(pause_complaint_rate="0.05", pause_complaint_min_sent="100")
     sent = sent_campaign(100)
     take_in(sample("yahoo_arf", **sent[0].values()))
     assert subscriber_row(sent[0].email).status is Status.complained
