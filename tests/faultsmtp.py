@@ -8,6 +8,7 @@ whatever order the mails arrive in. Modes:
     421       421 at RCPT, then the server hangs up
     451/452   temporary refusal at RCPT
     550       permanent refusal at RCPT (5.1.1, bad mailbox)
+    552       permanent refusal at RCPT (5.2.2, mailbox full: a soft bounce)
     550-policy permanent refusal at RCPT (5.7.1, not about the address)
     554-data  permanent refusal after the final dot
     421-data  421 after the final dot (the message is not taken), then the server hangs up
@@ -42,6 +43,7 @@ RCPT_REPLIES = {
     "451": "451 4.3.0 Try again later",
     "452": "452 4.2.2 Mailbox full, try later",
     "550": "550 5.1.1 No such user",
+    "552": "552 5.2.2 Mailbox full",
     "550-policy": "550 5.7.1 Message refused by policy",
 }
 

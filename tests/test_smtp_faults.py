@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from mailer import campaigns
 from mailer.db import session_scope
-from mailer.models import DeliveryState, Status, Suppression
+from mailer.models import DeliveryState, Notice, NoticeKind, NoticeState, Status, Suppression
 from tests import faultsmtp
 from tests.campaign_helpers import create, deliveries, wait_until
-from tests.conftest import make_readers, subscriber_row
+from tests.conftest import make_readers, sign_up, subscriber_row
 from tests.faultsmtp import FaultySmtp, start_faulty
 
 
@@ -98,6 +98,48 @@ def test_each_failure_mode_ends_in_its_state(admin: TestClient, faulty: FaultySm
     # A 421 is never followed by more commands on the same session: the client opened a new one.
     assert faulty.after_421 == []
     assert faulty.connections >= 4
+
+
+def test_a_full_mailbox_at_send_time_is_one_soft_bounce(admin: TestClient, env: Callable[..., None]) -> None:
+    """A 552 5.2.2 (mailbox full) to a campaign mail fails that delivery and adds one point to the reader's
+    soft-bounce score; the reader stays confirmed and the address is not suppressed."""
+    handler, controller = start_faulty(rules={"reader0@example.org": ["552"]})
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}", pause_failure_rate="1")
+        make_readers(2)
+        campaign_id = create(admin)
+        admin.post(f"/api/campaigns/{campaign_id}/send")
+        wait_until(admin, campaign_id)
+        rows = deliveries(campaign_id)
+        assert (rows["reader0@example.org"].state.value, rows["reader0@example.org"].smtp_code) == ("failed", 552)
+        assert rows["reader1@example.org"].state.value == "sent"
+        full = subscriber_row("reader0@example.org")
+        assert full is not None
+        assert (full.status, full.bounce_score, full.last_bounce_at is not None) == (Status.confirmed, 1, True)
+        assert suppression_reasons() == {}
+        assert subscriber_row("reader1@example.org").bounce_score == 0  # type: ignore[union-attr]
+        assert handler.count("reader0@example.org") == 0
+    finally:
+        controller.stop()
+
+
+def test_a_bad_mailbox_reply_to_a_confirmation_mail_bounces_the_address(client: TestClient,
+                                                                        env: Callable[..., None]) -> None:
+    """A 550 5.1.1 to the confirmation mail of a sign-up fails that notice, marks the sign-up bounced and
+    suppresses the address (a hard bounce), as the same reply to a campaign mail would."""
+    handler, controller = start_faulty(rules={"typo@example.org": ["550"]})
+    try:
+        env(smtp_url=f"smtp://127.0.0.1:{handler.port}")
+        sign_up(client, "typo@example.org")
+        with session_scope() as session:
+            notice = session.scalars(select(Notice)).one()
+            assert (notice.kind, notice.state) == (NoticeKind.confirm, NoticeState.failed)
+            assert "550 5.1.1" in (notice.error or "")
+        assert subscriber_row("typo@example.org").status is Status.bounced  # type: ignore[union-attr]
+        assert suppression_reasons() == {"typo@example.org": "hard-bounce"}
+        assert handler.count("typo@example.org") == 0
+    finally:
+        controller.stop()
 
 
 def test_temporary_failures_fail_after_the_deadline(admin: TestClient, env: Callable[..., None]) -> None:
