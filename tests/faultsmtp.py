@@ -64,8 +64,10 @@ class FaultySmtp:
     # Commands a client sent on a session after the server answered 421 there (must stay empty).
     after_421: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _closing: set[int] = field(default_factory=set)
-    _modes: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
+    # Keyed by the session objects themselves, which this keeps alive: keyed by id(), a new connection's
+    # session could take a closed one's address and inherit its 421 or its recipients' modes.
+    _closing: set[Any] = field(default_factory=set)
+    _modes: dict[Any, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
 
     def mode(self, address: str, attempt: int) -> str:
         listed = self.rules.get(address.lower())
@@ -85,7 +87,7 @@ class FaultySmtp:
         with self.lock:
             attempt = self.attempts[address.lower()]
             self.attempts[address.lower()] += 1
-        if id(session) in self._closing:
+        if session in self._closing:
             self.after_421.append(f"RCPT {address}")
         mode = self.mode(address, attempt)
         if mode == "drop-rcpt":
@@ -95,13 +97,13 @@ class FaultySmtp:
             if mode == "421":
                 self._hang_up_after_421(server, session)
             return RCPT_REPLIES[mode]
-        self._modes[id(session)][address.lower()] = mode
+        self._modes[session][address.lower()] = mode
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
-        if id(session) in self._closing:
+        if session in self._closing:
             self.after_421.append(f"MAIL {address}")
         with self.lock:
             reply = self.sender_replies.pop(0) if self.sender_replies else self.sender_reply
@@ -114,7 +116,7 @@ class FaultySmtp:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        modes = self._modes.pop(id(session), {})
+        modes = self._modes.pop(session, {})
         mode = next((modes.get(r.lower(), "ok") for r in envelope.rcpt_tos), "ok")
         if mode == "554-data":
             return "554 5.6.0 Message content rejected"
@@ -132,7 +134,7 @@ class FaultySmtp:
 
     def _hang_up_after_421(self, server: Any, session: Any) -> None:
         # The server keeps the line open a moment: a client that reuses the session would show here.
-        self._closing.add(id(session))
+        self._closing.add(session)
         asyncio.get_running_loop().call_later(0.5, server.transport.close)
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
