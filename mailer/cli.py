@@ -71,7 +71,7 @@ def serve(
     if current.is_sqlite:
         upgrade(current.database_url)
     current.signing_key()
-    where = f"the outbox {current.outbox_dir}" if not current.smtp_url else "SMTP"
+    where = f"the Maildir {current.outbox_dir.resolve()} (also at /admin/outbox)" if not current.smtp_url else "SMTP"
     tasks = "Celery on " + current.broker_url if current.broker_url else "in-process"
     typer.echo(f"mailer on {current.base_url}: sign-up form at {current.base_url}/subscribe; "
                f"tasks {tasks}; mail to {where}.")
