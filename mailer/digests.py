@@ -114,6 +114,7 @@ class RunResult:
     campaign_id: int | None
     readers: int
     started: bool
+    zone: str | None = None
 
 
 def _articles_since(session: Session, since: datetime, until: datetime) -> list[ArticleRef]:
@@ -291,13 +292,15 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
             campaign_id, status, building = campaign.id, campaign.status, bool(campaign.building)
             # A run carried on after a stop keeps the cutoff it began with: readers it already holds are
             # planned again and skipped, and a later cutoff would move their cursors past articles that
-            # came in meanwhile, which no digest would then carry.
-            cutoff = campaign.created_at - timedelta(seconds=get_settings().digest_grace_seconds)
+            # came in meanwhile, which no digest would then carry. A run that holds nobody yet (it found
+            # nothing new, or stopped before its first reader) takes what has come in since.
+            grace = timedelta(seconds=get_settings().digest_grace_seconds)
+            cutoff = campaign.created_at - grace if campaign.building else now - grace
     except IntegrityError:
         # Another process made this period's run a moment ago; it carries on with it.
-        return RunResult(None, 0, False)
+        return RunResult(None, 0, False, zone)
     if status is not CampaignStatus.draft and not building:
-        return RunResult(campaign_id, 0, False)
+        return RunResult(campaign_id, 0, False, zone)
     # Sending starts with the first batch of readers and overlaps with adding the rest; the campaign
     # cannot finish until every reader is in. A run that stopped halfway carries on from here.
     settings = get_settings()
@@ -327,7 +330,7 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
         if walked:
             with session_scope() as session:
                 campaigns.finish_building(session, campaign_id)
-    return RunResult(campaign_id, total, started or building)
+    return RunResult(campaign_id, total, started or building, zone)
 
 
 def run_all(frequency: Frequency, *, progress: Callable[[int], None] | None = None) -> list[RunResult]:

@@ -173,6 +173,14 @@ class Leases:
         script = self.client.register_script(_LEASE)
         return int(script(keys=[self.key], args=[self.limit, wanted, self.seconds, holder]))
 
+    def renew(self, holder: str, count: int) -> None:
+        """Push this holder's leases out again; only leases it still holds (XX), none added."""
+        if self.client is None or count <= 0:
+            return
+        seconds, micros = self.client.time()
+        end = seconds + micros / 1_000_000 + self.seconds
+        self.client.zadd(self.key, {f"{holder}:{i}": end for i in range(1, count + 1)}, xx=True)
+
     def give_back(self, holder: str, count: int) -> None:
         if self.client is None or count <= 0:
             return

@@ -535,3 +535,20 @@ def test_a_digest_run_previews_what_each_reader_got(admin: TestClient, smtp: Smt
     listed = admin.get("/api/campaigns").json()
     assert any(c["subject"].startswith("Daily digest, ") for c in (listed["campaigns"] if isinstance(listed, dict)
                                                                    else listed))
+
+
+def test_a_period_with_nothing_new_is_done_and_its_articles_go_next_time(admin: TestClient, smtp: SmtpSink) -> None:
+    """A run that found nothing finishes saying so; running the period again adds nobody; the next period
+    carries what came in meanwhile, once."""
+    make_readers(1, prefix="noon")
+    morning = digests.run(Frequency.daily)
+    assert morning.readers == 0
+    assert admin.get(f"/api/campaigns/{morning.campaign_id}").json()["status_reason"] == "Nobody had anything new."
+    add(admin, article(1, "Peace & Diplomacy"))
+    noon = digests.run(Frequency.daily)
+    assert (noon.campaign_id, noon.readers, noon.started) == (morning.campaign_id, 0, False)
+    tomorrow = digests.run(Frequency.daily, now=utcnow() + timedelta(days=1))
+    assert tomorrow.readers == 1
+    wait_until(admin, tomorrow.campaign_id)
+    [mail] = smtp.wait_for(1)
+    assert "day 1" in mail.part("plain")

@@ -8,6 +8,7 @@ import multiprocessing
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
@@ -35,7 +36,7 @@ def test_a_campaign_keeps_to_the_server_and_domain_rates(admin: TestClient, smtp
     assert elapsed >= 1.3, f"twelve mails at 5/s took only {elapsed:.2f} s"
 
 
-def _take(key: str, rate: float, count: int) -> None:
+def _take(key: str, rate: float, count: int, ready: Any, times: Any) -> None:
     client = redis.Redis.from_url(REDIS)
     bucket = RedisBucket(client, key, rate)
 
@@ -43,21 +44,28 @@ def _take(key: str, rate: float, count: int) -> None:
         for _ in range(count):
             await bucket.take()
 
+    # Both processes start taking together, so their start-up time is not counted as waiting.
+    ready.wait(timeout=30)
+    started = time.time()
     asyncio.run(run())
+    times.put((started, time.time()))
 
 
 def test_the_rate_holds_across_worker_processes() -> None:
     """Two processes sharing a 10/s bucket in Redis take 30 tokens in at least 1.8 s, not 0.5 s each."""
     key = f"mailer:test:{uuid.uuid4().hex}"
-    processes = [multiprocessing.get_context("spawn").Process(target=_take, args=(key, 10.0, 15)) for _ in range(2)]
-    started = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    ready, times = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=_take, args=(key, 10.0, 15, ready, times)) for _ in range(2)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
-    elapsed = time.monotonic() - started
-    # Ten tokens are there at once; twenty more come at ten a second.
+    spans = [times.get(timeout=5) for _ in processes]
+    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    # Ten tokens are there at once; twenty more come at ten a second. Unshared, each process would be
+    # done in half a second.
     assert elapsed >= 1.8, f"30 tokens at 10/s shared took {elapsed:.2f} s"
 
 
@@ -71,12 +79,15 @@ def test_connections_are_capped_across_the_deployment() -> None:
     assert leases.take(2, "worker-c") == 0
     leases.give_back("worker-a", 3)
     assert leases.take(3, "worker-c") == 3
-    # A worker killed without giving back: its leases end by themselves.
-    leases.seconds = 0.2
+    # A worker killed without giving back: its leases end by themselves; a live one renews its own.
+    leases.seconds = 0.4
     leases.give_back("worker-b", 1)
     leases.give_back("worker-c", 3)
-    assert leases.take(4, "worker-d") == 4
-    time.sleep(0.3)
-    assert leases.take(4, "worker-e") == 4
+    assert leases.take(2, "worker-d") == 2
+    assert leases.take(2, "worker-live") == 2
+    time.sleep(0.25)
+    leases.renew("worker-live", 2)
+    time.sleep(0.25)
+    assert leases.take(4, "worker-e") == 2, "the dead worker's leases ended, the renewed ones hold"
     unlimited = Leases(Settings(broker_url="", smtp_max_connections=4, secret_key="test-secret-key-0123456789abcdef"))
     assert unlimited.take(6, "worker-f") == 6

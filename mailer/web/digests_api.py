@@ -44,6 +44,7 @@ class ZoneRunOut(BaseModel):
     campaign_id: int | None
     readers: int
     started: bool
+    zone: str | None = Field(default=None, description="The readers' time zone; null for the site's.")
 
 
 class DigestRunOut(ZoneRunOut):
@@ -73,9 +74,11 @@ def add_articles(body: ArticleIn | list[ArticleIn], create_categories: bool | No
 
 @router.post("/digests/run", status_code=202)
 def run_digest(body: DigestRunIn) -> DigestRunOut:
-    runs = [ZoneRunOut(campaign_id=r.campaign_id, readers=r.readers, started=r.started)
-            for r in digests.run_all(body.frequency)]
-    return DigestRunOut(campaign_id=runs[0].campaign_id if runs else None, readers=sum(r.readers for r in runs),
+    results = digests.run_all(body.frequency)
+    site = next((r.campaign_id for r in results if r.zone is None), None)
+    runs = [ZoneRunOut(campaign_id=r.campaign_id, readers=r.readers, started=r.started, zone=r.zone)
+            for r in results]
+    return DigestRunOut(campaign_id=site, readers=sum(r.readers for r in runs),
                         started=any(r.started for r in runs), runs=runs)
 
 
