@@ -277,16 +277,32 @@ async def _run(campaign_id: int) -> bool:
     permits = connections.take(settings.smtp_connections)
     if permits == 0:
         return False  # Other loops in this process use every connection; they carry on with the work.
-    worker = heartbeat.register()
-    # With MAILER_SMTP_MAX_CONNECTIONS, the deployment's cap may leave this loop fewer connections.
+    worker: str | None = None
     leases = Leases(settings)
-    granted = await asyncio.to_thread(leases.take, permits, worker)
-    if granted < permits:
-        connections.give_back(permits - granted)
-        permits = granted
-    if permits == 0:
-        heartbeat.unregister(worker)
-        return False  # Other loops of the deployment use every connection; they carry on with the work.
+    granted = 0
+    # Whatever fails from here (Redis, the database), the process's connections, the deployment's leases
+    # and the claim token are given back: a leak would stop this process sending until it restarts.
+    try:
+        worker = heartbeat.register()
+        # With MAILER_SMTP_MAX_CONNECTIONS, the deployment's cap may leave this loop fewer connections.
+        granted = await asyncio.to_thread(leases.take, permits, worker)
+        if granted == 0:
+            return False  # Other loops of the deployment use every connection; they carry on with the work.
+        return await _send(campaign_id, settings, worker, granted, leases)
+    finally:
+        connections.give_back(permits)
+        if worker is not None:
+            if granted:
+                try:
+                    await asyncio.to_thread(leases.give_back, worker, granted)
+                except Exception:
+                    log.exception("campaign %s: giving back connection leases failed; they run out by themselves",
+                                  campaign_id)
+            heartbeat.unregister(worker)
+
+
+async def _send(campaign_id: int, settings: Settings, worker: str, permits: int, leases: Leases) -> bool:
+    """The batch loop proper, on `permits` connections under the claim token `worker`."""
     recorder = Recorder(worker)
     lanes = [transport_for(settings) for _ in range(permits)]
     throttle = shared_throttle(settings)
@@ -317,6 +333,8 @@ async def _run(campaign_id: int) -> bool:
             batch = Batch(campaign_id=campaign_id, templates=templates, recorder=recorder, throttle=throttle,
                           window=window, settings=settings)
             await batch.send(claimed.jobs, lanes)
+            # A batch can outlast the leases' time (a slow rate limit): they are renewed after each one.
+            await asyncio.to_thread(leases.renew, worker, permits)
             if batch.held:
                 break  # Paused or cancelled: the hand-over said so.
             if batch.sender_refused is not None:
@@ -345,9 +363,6 @@ async def _run(campaign_id: int) -> bool:
         with session_scope() as session:
             store.release_claims(session, worker, resend_unknown=settings.resend_unknown)
             campaigns.skip_unsent(session, campaign_id)
-        heartbeat.unregister(worker)
-        connections.give_back(permits)
-        await asyncio.to_thread(leases.give_back, worker, permits)
     with session_scope() as session:
         campaigns.finish_if_done(session, campaign_id)
     log.info("campaign %s: send loop stopped; this process has rendered %d templates in all",

@@ -91,3 +91,27 @@ def test_connections_are_capped_across_the_deployment() -> None:
     assert leases.take(4, "worker-e") == 2, "the dead worker's leases ended, the renewed ones hold"
     unlimited = Leases(Settings(broker_url="", smtp_max_connections=4, secret_key="test-secret-key-0123456789abcdef"))
     assert unlimited.take(6, "worker-f") == 6
+
+
+def test_a_redis_failure_at_the_start_of_a_send_loop_gives_everything_back(admin: TestClient,
+                                                                          env: Callable[..., None]) -> None:
+    """When the leases cannot be taken (Redis down), the process's connection slots and the claim token are
+    given back, so the next loop of this process can send."""
+    import pytest
+
+    from mailer import campaigns, delivery
+    from mailer.db import session_scope
+    from mailer.models import WorkerBeat
+    from mailer.throttle import connections
+
+    make_readers(1)
+    campaign_id = create(admin)
+    env(broker_url="redis://127.0.0.1:9/0", smtp_max_connections="2")
+    with session_scope() as session:
+        campaigns.start(session, campaign_id)
+    before = connections.used
+    with pytest.raises(redis.ConnectionError):
+        delivery.run_campaign(campaign_id)
+    assert connections.used == before
+    with session_scope() as session:
+        assert session.query(WorkerBeat).count() == 0
