@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mailer import admins, console, exports, imports, store, subscriptions, suppressions
-from mailer.cli_campaigns import fail, table
+from mailer.cli_campaigns import choice, fail, table
 from mailer.db import session_scope
 from mailer.errors import InvalidInput, MailerError
 from mailer.models import Status, utcnow
@@ -89,13 +89,11 @@ def search(
 ) -> None:
     """Find subscribers by address or name, as the console's search does (erased ones are left out)."""
     try:
-        if status is not None and status not in Status.__members__:
-            raise InvalidInput("--status", f"Use one of {', '.join(Status.__members__)}.")
+        wanted = choice(Status, status, "--status")
         with session_scope() as session:
             rows = [(s.id, s.email, s.name, s.status.value, s.frequency.value,
                      ", ".join(c.slug for c in s.categories) or "(all)")
-                    for s in store.find_subscribers(session, query=query, status=Status(status) if status else None,
-                                                    after_id=after, limit=limit)]
+                    for s in store.find_subscribers(session, query=query, status=wanted, after_id=after, limit=limit)]
     except MailerError as error:
         raise fail(error) from None
     if not rows:

@@ -3,12 +3,13 @@ resume, cancel, and the delivery log. The same `mailer.*` calls as the API and t
 
 from __future__ import annotations
 
+import enum
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +23,7 @@ from mailer.errors import InvalidInput, MailerError
 from mailer.models import DeliveryState
 
 app = typer.Typer(no_args_is_help=True, help="Broadcast campaigns.")
+E = TypeVar("E", bound=enum.Enum)
 console = Console()
 
 
@@ -59,6 +61,16 @@ def _print(progress: campaigns.Progress) -> None:
     console.print(f"  audience {progress.total}; {counts or 'no deliveries yet'}")
     if progress.status_reason:
         console.print(f"  {progress.status_reason}")
+
+
+def choice(kind: type[E], value: str | None, option: str) -> E | None:
+    """The member of `kind` that an option names (None when the option was left out); a sentence listing
+    the choices when it names none."""
+    if value is None:
+        return None
+    if value not in kind.__members__:
+        raise InvalidInput(option, f"Use one of {', '.join(kind.__members__)}.")
+    return kind(value)
 
 
 def table(headings: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -198,11 +210,10 @@ def deliveries(
 ) -> None:
     """The delivery log: each reader's state, attempts and the SMTP code and reply."""
     try:
-        if state is not None and state not in DeliveryState.__members__:
-            raise InvalidInput("--state", f"Use one of {', '.join(DeliveryState.__members__)}.")
+        wanted = choice(DeliveryState, state, "--state")
         with session_scope() as session:
             lines = views.delivery_log(session, campaign_id, query=query, after_id=after, limit=limit,
-                                       state=DeliveryState(state) if state else None)
+                                       state=wanted)
     except MailerError as error:
         raise fail(error) from None
     if not lines:

@@ -163,15 +163,15 @@ class Leases:
         self.limit = settings.smtp_max_connections
         self.client = _redis(url) if url and self.limit > 0 else None
         self.key = _key("connections", settings.smtp_url)
+        self.script = self.client.register_script(_LEASE) if self.client is not None else None
         # A loop holds its connections for at most MAILER_TASK_SECONDS and one more batch; a lease of a
         # killed worker ends a little after that, and the sweeper has handed its claims back by then.
         self.seconds = settings.task_seconds + 2 * settings.worker_timeout + 60
 
     def take(self, wanted: int, holder: str) -> int:
-        if self.client is None or wanted <= 0:
+        if self.script is None or wanted <= 0:
             return wanted
-        script = self.client.register_script(_LEASE)
-        return int(script(keys=[self.key], args=[self.limit, wanted, self.seconds, holder]))
+        return int(self.script(keys=[self.key], args=[self.limit, wanted, self.seconds, holder]))
 
     def renew(self, holder: str, count: int) -> None:
         """Push this holder's leases out again; only leases it still holds (XX), none added."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -255,27 +256,31 @@ def test_readers_get_their_digest_at_the_hour_in_their_own_zone(admin: TestClien
             "Daily digest, Tuesday, December 1, 2026 (Asia/Tokyo)"
 
 
-def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:
-    """A polled feed is imported once; the next poll sends If-None-Match and gets a 304."""
+@contextmanager
+def feed_server(body: bytes, *, etag: str | None = None, last_modified: str | None = None
+                ) -> Iterator[tuple[str, list[str | None]]]:
+    """A real HTTP server on loopback that serves one feed with conditional GET: a 304 when the request
+    carries the validator it gave. Yields its URL and the validator each request carried."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from mailer import feeds
-
-    body = (b'<?xml version="1.0"?><rss version="2.0"><channel><title>Packet</title>'
-            b"<item><title>Envoys meet</title><link>https://news.example.org/p/1</link></item></channel></rss>")
+    asked = "If-None-Match" if etag else "If-Modified-Since"
+    validator = etag or last_modified
     seen: list[str | None] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            seen.append(self.headers.get("If-None-Match"))
-            if self.headers.get("If-None-Match") == '"v1"':
+            seen.append(self.headers.get(asked))
+            if validator is not None and self.headers.get(asked) == validator:
                 self.send_response(304)
                 self.end_headers()
                 return
             self.send_response(200)
-            self.send_header("ETag", '"v1"')
-            self.send_header("Content-Type", "application/rss+xml")
+            if etag:
+                self.send_header("ETag", etag)
+                self.send_header("Content-Type", "application/rss+xml")
+            if last_modified:
+                self.send_header("Last-Modified", last_modified)
             self.end_headers()
             self.wfile.write(body)
 
@@ -285,7 +290,19 @@ def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[...,
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/feed.xml"
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+
+
+def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[..., None]) -> None:
+    """A polled feed is imported once; the next poll sends If-None-Match and gets a 304."""
+    from mailer import feeds
+
+    body = (b'<?xml version="1.0"?><rss version="2.0"><channel><title>Packet</title>'
+            b"<item><title>Envoys meet</title><link>https://news.example.org/p/1</link></item></channel></rss>")
+    with feed_server(body, etag='"v1"') as (base, seen):
+        url = f"{base}/feed.xml"
         env(feeds=url, feed_poll_minutes="0.0001")
         assert feeds.poll_due() == 1
         import time
@@ -298,8 +315,6 @@ def test_feed_polling_uses_conditional_get(admin: TestClient, env: Callable[...,
             from mailer.models import Feed
 
             assert session.get(Feed, url).status == "not modified"
-    finally:
-        server.shutdown()
 
 
 def test_feeds_are_managed_through_the_api(admin: TestClient, env: Callable[..., None]) -> None:
@@ -478,39 +493,16 @@ def test_cli_imports_a_feed_and_previews_a_digest(tmp_path: Path, env: Callable[
 
 def test_feed_polling_honours_last_modified_and_reports_an_empty_feed(env: Callable[..., None]) -> None:
     """A feed without an ETag is asked If-Modified-Since; a feed with no items says so in its status."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from mailer import feeds
 
     stamp = "Tue, 01 Dec 2026 06:00:00 GMT"
-    seen: list[str | None] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("If-Modified-Since"))
-            if self.headers.get("If-Modified-Since") == stamp:
-                self.send_response(304)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Last-Modified", stamp)
-            self.end_headers()
-            self.wfile.write(b'<?xml version="1.0"?><rss version="2.0"><channel><title>Quiet</title></channel></rss>')
-
-        def log_message(self, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/quiet.xml"
+    quiet = b'<?xml version="1.0"?><rss version="2.0"><channel><title>Quiet</title></channel></rss>'
+    with feed_server(quiet, last_modified=stamp) as (base, seen):
+        url = f"{base}/quiet.xml"
         report = feeds.poll(url)
         assert report.problems == ["the feed has no items"]
         assert feeds.poll(url).problems == []
         assert seen == [None, stamp]
-    finally:
-        server.shutdown()
 
 
 def test_a_digest_run_previews_what_each_reader_got(admin: TestClient, smtp: SmtpSink) -> None:
