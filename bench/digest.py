@@ -69,16 +69,14 @@ def add_articles(count: int) -> None:
 
 
 def distinct_contents(campaign_id: int) -> int:
-    from mailer import digests
+    from sqlalchemy import func, select
+
     from mailer.db import session_scope
-    from mailer.models import Delivery
+    from mailer.models import DigestContent
 
     with session_scope() as session:
-        ids = [d for (d,) in session.query(Delivery.id).filter(Delivery.campaign_id == campaign_id)]
-        seen = set()
-        for start in range(0, len(ids), 5000):
-            seen.update(digests.contents(session, ids[start:start + 5000]).values())
-    return len(seen)
+        return int(session.scalar(select(func.count()).select_from(DigestContent)
+                                  .where(DigestContent.campaign_id == campaign_id)) or 0)
 
 
 def renders_in(logs: list[Path]) -> int:

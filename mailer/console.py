@@ -232,7 +232,7 @@ def preview(session: Session, campaign_id: int, *, subscriber_id: int | None = N
         # A digest differs per reader: show the one this run holds for them (the run's first reader's
         # when none is chosen), exactly as the ledger says it was, or will be, sent.
         found = session.execute(
-            select(Delivery.id, Delivery.subscriber_id).where(
+            select(Delivery.content_id, Delivery.subscriber_id).where(
                 Delivery.campaign_id == campaign_id,
                 *([Delivery.subscriber_id == subscriber.id] if subscriber is not None else []))
             .order_by(Delivery.id).limit(1)).first()
@@ -240,7 +240,7 @@ def preview(session: Session, campaign_id: int, *, subscriber_id: int | None = N
             raise InvalidInput("email", "That reader has no digest in this run." if subscriber is not None
                                else "This run holds no digests yet.")
         subscriber = subscriber or store.subscriber(session, found[1])
-        content = digests.contents(session, [found[0]]).get(found[0])
+        content = digests.contents(session, {found[0]}).get(found[0]) if found[0] is not None else None
         if subscriber is None or content is None:
             raise InvalidInput("email", "That reader's digest in this run is no longer available.")
         templates = digests.render_content(session, content, zone=digests.zone_of(campaign.run_key),

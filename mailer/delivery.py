@@ -49,6 +49,8 @@ class Templates:
     def __init__(self) -> None:
         self.broadcast: Variants | None = None
         self.digests: OrderedDict[Content, Variants] = OrderedDict()
+        # A loop serves one campaign: its contents are a few dozen, read from the ledger once each.
+        self.known: dict[int, Content] = {}
 
     def load(self, session: Session, campaign: Campaign, jobs: list[Job]) -> list[Job]:
         """Attach each job's content (digests) and render what is new; jobs without content are dropped."""
@@ -56,10 +58,11 @@ class Templates:
             if self.broadcast is None:
                 self.broadcast = campaigns.message_templates(campaign)
             return jobs
-        found = digests.contents(session, [job.claim.delivery_id for job in jobs])
+        wanted = {job.claim.content_id for job in jobs if job.claim.content_id is not None}
+        self.known.update(digests.contents(session, wanted - self.known.keys()))
         ready = []
         for job in jobs:
-            content = found.get(job.claim.delivery_id)
+            content = self.known.get(job.claim.content_id) if job.claim.content_id is not None else None
             if content is None:
                 continue
             variants = self.digests.get(content)

@@ -1,9 +1,10 @@
 """Digest runs: a campaign of kind `digest` per frequency, period and zone, one delivery per reader with
-something new, and the ledger (`digest_entries`, one row per delivery) of the articles it carries.
+something new, and the ledger of the articles it carries: each digest delivery points at one of its
+run's few distinct contents (`digest_contents`).
 
 Materialisation walks readers by id in batches and is safe to repeat: deliveries are unique per
-(campaign, reader), a reader's ledger row and cursor move in the same commit as their delivery, and
-the builder leaves out every article already in a reader's ledger. A run that failed halfway and is
+(campaign, reader), a reader's delivery (with its ledger pointer) and cursor move in the same commit,
+and the builder leaves out every article already in a reader's ledger. A run that failed halfway and is
 run again keeps the cutoff it began with, so it neither repeats an article nor sends a reader two
 digests nor skips what came in meanwhile. Readers with nothing new get no mail, and their cursor
 moves on.
@@ -11,6 +12,7 @@ moves on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
@@ -21,7 +23,7 @@ from functools import lru_cache
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, Text, insert, or_, select, text, update
+from sqlalchemy import Table, Text, func, or_, select, text
 from sqlalchemy import cast as cast_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -37,7 +39,8 @@ from mailer.models import (
     CampaignStatus,
     Delivery,
     DeliveryState,
-    DigestEntry,
+    DigestContent,
+    DigestCursor,
     Frequency,
     Status,
     Subscriber,
@@ -51,9 +54,8 @@ log = logging.getLogger(__name__)
 PERIOD = {Frequency.daily: timedelta(days=1), Frequency.weekly: timedelta(days=7)}
 READER_BATCH = 1000
 DELIVERIES = cast(Table, Delivery.__table__)
-LEDGER = cast(Table, DigestEntry.__table__)
-# Core, not the ORM: moving a cursor is not an edit of the subscriber, so updated_at stays as it is.
-SUBSCRIBERS = cast(Table, Subscriber.__table__)
+CONTENTS = cast(Table, DigestContent.__table__)
+CURSORS = cast(Table, DigestCursor.__table__)
 STALE_BUILD_MINUTES = 30
 
 
@@ -136,7 +138,7 @@ def _articles_since(session: Session, since: datetime, until: datetime) -> list[
 def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Frequency | None = None,
          received: set[int] | None = None) -> tuple[list[Section], dict[int, datetime]]:
     """One reader's next digest, without recording anything (used by preview)."""
-    since = reader.digest_cursor or now - first_window(frequency or reader.frequency)
+    since = store.digest_cursor(session, reader.id) or now - first_window(frequency or reader.frequency)
     articles = _articles_since(session, since, now)
     if received is None:
         received = _received(session, [reader.id], articles)[reader.id]
@@ -149,21 +151,44 @@ def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Freq
 
 def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef]) -> dict[int, set[int]]:
     """The articles each reader already got, among the candidates. An article can only be in digests made
-    after it was ingested, so only those entries are read."""
+    after it was ingested, so only the contents of runs since then are read: their ids grow with time, and
+    the reader's index starts at the first of them."""
     received: dict[int, set[int]] = defaultdict(set)
     if not articles:
         return received
     oldest = min(a.ingested or a.when for a in articles)
+    first = session.scalar(select(func.min(DigestContent.id)).where(DigestContent.created_at >= oldest))
+    if first is None:
+        return received
     postgresql = session.get_bind().dialect.name == "postgresql"
-    for subscriber_id, sections in session.execute(
-        select(DigestEntry.subscriber_id, DigestEntry.sections)
-        .where(store.one_of(DigestEntry.subscriber_id, reader_ids, postgresql=postgresql),
-               DigestEntry.created_at >= oldest)
-    ):
-        for _category, listed, more in sections:
-            received[subscriber_id].update(listed)
-            received[subscriber_id].update(more)
+    pairs = session.execute(
+        select(Delivery.subscriber_id, Delivery.content_id)
+        .where(store.one_of(Delivery.subscriber_id, reader_ids, postgresql=postgresql), Delivery.content_id >= first)
+    ).all()
+    got = _article_sets(session, {content_id for _, content_id in pairs if content_id is not None})
+    for subscriber_id, content_id in pairs:
+        if content_id is not None:
+            received[subscriber_id] |= got[content_id]
     return received
+
+
+def _article_sets(session: Session, content_ids: set[int]) -> dict[int, frozenset[int]]:
+    """Every article id a content lists or counts in "and K more"."""
+    return {content_id: _listed_and_more(sections)
+            for content_id, sections in _texts(session, content_ids).items()}
+
+
+def _texts(session: Session, content_ids: set[int]) -> dict[int, str]:
+    """Contents' sections as their JSON text, parsed once per distinct text by the callers' caches."""
+    if not content_ids:
+        return {}
+    return {content_id: text for content_id, text in session.execute(
+        select(DigestContent.id, cast_(DigestContent.sections, Text)).where(DigestContent.id.in_(content_ids)))}
+
+
+@lru_cache(maxsize=4096)
+def _listed_and_more(text: str) -> frozenset[int]:
+    return frozenset(a for _category, listed, more in json.loads(text) for a in (*listed, *more))
 
 
 def first_window(frequency: Frequency) -> timedelta:
@@ -173,14 +198,16 @@ def first_window(frequency: Frequency) -> timedelta:
 
 
 def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cutoff: datetime,
-                 after_id: int, zone: str | None = None) -> tuple[int, int]:
-    """One batch of readers; returns (last reader id seen, deliveries made). Reader ids walk upwards."""
+                 after_id: int, known: dict[str, int], zone: str | None = None) -> tuple[int, int]:
+    """One batch of readers; returns (last reader id seen, deliveries made). Reader ids walk upwards.
+    `known` maps the run's contents (their JSON text) to their ids, across batches."""
     period = first_window(frequency)
     per_category = get_settings().digest_per_category
     in_zone = Subscriber.timezone == zone if zone else or_(
         Subscriber.timezone.is_(None), Subscriber.timezone == get_settings().timezone)
     readers = session.execute(
-        select(Subscriber.id, Subscriber.digest_cursor)
+        select(Subscriber.id, DigestCursor.at)
+        .outerjoin(DigestCursor, DigestCursor.subscriber_id == Subscriber.id)
         .where(Subscriber.status == Status.confirmed, Subscriber.frequency == frequency, Subscriber.id > after_id,
                in_zone)
         .order_by(Subscriber.id).limit(READER_BATCH)
@@ -199,77 +226,95 @@ def _materialise(session: Session, campaign: Campaign, frequency: Frequency, cut
         chosen[subscriber_id].append(category_id)
     received = _received(session, ids, articles)
     order = [c.id for c in store.categories(session)]
-    planned: list[tuple[int, list[Any]]] = []
+    planned: list[tuple[int, str]] = []
     # Readers with the same categories, cursor and ledger get the same digest: group once per kind of
-    # reader, not once per reader (most readers of a run share one of a few dozen mixes).
-    plans: dict[tuple[tuple[int, ...], datetime, frozenset[int]], list[Any]] = {}
-    # A reader already in this run (a run carried on after a stop) is planned again but not added:
-    # the insert below skips them, and only rows it inserted get ledger entries.
-    for subscriber_id, cursor in readers:
-        since = cursor or cutoff - period
+    # reader, not once per reader (most readers of a run share one of a few dozen mixes). A plan is
+    # kept as its JSON text ("" for nothing new), which is what the run's contents are keyed by.
+    plans: dict[tuple[tuple[int, ...], datetime, frozenset[int]], str] = {}
+    # A reader already in this run (a run carried on after a stop) has their cursor at the cutoff, so
+    # nothing is new for them; were they planned again anyway, the insert below would skip them.
+    for subscriber_id, at in readers:
+        since = at or cutoff - period
         key = (tuple(chosen.get(subscriber_id, ())), since, frozenset(received[subscriber_id]))
         sections = plans.get(key)
         if sections is None:
             fresh = [a for a in articles if a.ingested is not None and a.ingested > since]
             grouped = build(chosen=list(key[0]), category_order=order, articles=fresh, received=set(key[2]),
                             per_category=per_category)
-            sections = plans[key] = [[None if s.category_id == UNCATEGORISED else s.category_id,
-                                      list(s.article_ids), list(s.more)] for s in grouped]
+            sections = plans[key] = json.dumps([
+                [None if s.category_id == UNCATEGORISED else s.category_id, list(s.article_ids), list(s.more)]
+                for s in grouped]) if grouped else ""
         if sections:
             planned.append((subscriber_id, sections))
-    made = _add_to_run(session, campaign.id, planned, cutoff, postgresql=postgresql) if planned else 0
-    session.execute(update(SUBSCRIBERS).where(store.one_of(SUBSCRIBERS.c.id, ids, postgresql=postgresql))
-                    .values(digest_cursor=cutoff, updated_at=SUBSCRIBERS.c.updated_at))
+    made = _add_to_run(session, campaign.id, planned, cutoff, known, postgresql=postgresql) if planned else 0
+    _move_cursors(session, ids, cutoff, postgresql=postgresql)
     return ids[-1], made
 
 
-# PostgreSQL: a batch of deliveries and their ledger entries as two statements over arrays, so the
+def content_key(text: str) -> str:
+    """A content's key within its run: the SHA-256 of its sections' JSON text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# PostgreSQL: a batch of deliveries, each with its ledger pointer, as one statement over arrays, so the
 # builder spends no Python on each row; the same statement text every time, prepared once.
 _PG_DELIVERIES = text(
-    "INSERT INTO deliveries (campaign_id, subscriber_id, state, attempts) "
-    "SELECT :campaign_id, s, 'pending', 0 FROM unnest(CAST(:subscribers AS integer[])) AS s "
-    "ON CONFLICT DO NOTHING RETURNING id, subscriber_id")
-_PG_LEDGER = text(
-    "INSERT INTO digest_entries (delivery_id, subscriber_id, created_at, sections) "
-    "SELECT d, s, :created_at, CAST(j AS json) "
-    "FROM unnest(CAST(:deliveries AS bigint[]), CAST(:subscribers AS integer[]), CAST(:sections AS text[])) "
-    "AS t(d, s, j)")
+    "INSERT INTO deliveries (campaign_id, subscriber_id, content_id, state, attempts) "
+    "SELECT :campaign_id, s, c, 'pending', 0 "
+    "FROM unnest(CAST(:subscribers AS integer[]), CAST(:contents AS bigint[])) AS t(s, c) "
+    "ON CONFLICT DO NOTHING RETURNING id")
+_PG_CURSORS = text(
+    "INSERT INTO digest_cursors (subscriber_id, at) SELECT s, :at FROM unnest(CAST(:subscribers AS integer[])) AS s "
+    "ON CONFLICT (subscriber_id) DO UPDATE SET at = excluded.at")
 
 
-def _add_to_run(session: Session, campaign_id: int, planned: list[tuple[int, list[Any]]], cutoff: datetime, *,
-                postgresql: bool) -> int:
+def _add_to_run(session: Session, campaign_id: int, planned: list[tuple[int, str]], cutoff: datetime,
+                known: dict[str, int], *, postgresql: bool) -> int:
     """Add readers with their digests to the run; returns how many this call added.
 
     ON CONFLICT DO NOTHING: a second process building the same run at the same moment adds nobody
-    twice, and only the rows this one inserted get ledger entries."""
+    twice. A reader's ledger entry is their delivery's content, so it is written in the same row."""
+    content_of = _content_ids(session, campaign_id, {sections for _, sections in planned}, cutoff, known)
     if postgresql:
         rows = session.execute(_PG_DELIVERIES, {"campaign_id": campaign_id,
-                                                "subscribers": [s for s, _ in planned]}).all()
+                                                "subscribers": [s for s, _ in planned],
+                                                "contents": [content_of[sections] for _, sections in planned]}).all()
     else:
         rows = session.execute(
-            store.insert_for(session)(DELIVERIES).on_conflict_do_nothing()
-            .returning(DELIVERIES.c.id, DELIVERIES.c.subscriber_id),
-            [{"campaign_id": campaign_id, "subscriber_id": s, "state": DeliveryState.pending.value,
-              "attempts": 0} for s, _ in planned],
+            store.insert_for(session)(DELIVERIES).on_conflict_do_nothing().returning(DELIVERIES.c.id),
+            [{"campaign_id": campaign_id, "subscriber_id": s, "content_id": content_of[sections],
+              "state": DeliveryState.pending.value, "attempts": 0} for s, sections in planned],
         ).all()
-    delivery_of = {subscriber_id: delivery_id for delivery_id, subscriber_id in rows}
-    added = [(s, sections) for s, sections in planned if s in delivery_of]
-    if not added:
-        return 0
+    return len(rows)
+
+
+def _content_ids(session: Session, campaign_id: int, texts: set[str], cutoff: datetime,
+                 known: dict[str, int]) -> dict[str, int]:
+    """The run's content row for each plan, made on first sight. The upsert hands back the id of a row a
+    run carried on after a stop (or another builder) made already, so a content is never stored twice."""
+    new = [t for t in texts if t not in known]
+    if new:
+        insert_ = store.insert_for(session)(CONTENTS)
+        rows = session.execute(
+            insert_.on_conflict_do_update(index_elements=[CONTENTS.c.campaign_id, CONTENTS.c.key],
+                                          set_={"key": insert_.excluded.key})
+            .returning(CONTENTS.c.id, CONTENTS.c.key),
+            [{"campaign_id": campaign_id, "key": content_key(t), "sections": json.loads(t), "created_at": cutoff}
+             for t in new],
+        ).all()
+        by_key = {key: content_id for content_id, key in rows}
+        known.update({t: by_key[content_key(t)] for t in new})
+    return known
+
+
+def _move_cursors(session: Session, ids: list[int], cutoff: datetime, *, postgresql: bool) -> None:
     if postgresql:
-        # Many readers share one plan (one list object): it is written out as JSON once.
-        texts: dict[int, str] = {}
-        session.execute(_PG_LEDGER, {
-            "created_at": cutoff.astimezone(UTC).replace(tzinfo=None),
-            "deliveries": [delivery_of[s] for s, _ in added], "subscribers": [s for s, _ in added],
-            "sections": [texts.get(id(sections)) or texts.setdefault(id(sections), json.dumps(sections))
-                         for _, sections in added]})
-    else:
-        session.execute(insert(LEDGER), [
-            {"delivery_id": delivery_of[subscriber_id], "subscriber_id": subscriber_id, "created_at": cutoff,
-             "sections": sections}
-            for subscriber_id, sections in added])
-    return len(added)
+        session.execute(_PG_CURSORS, {"at": cutoff.astimezone(UTC).replace(tzinfo=None), "subscribers": ids})
+        return
+    insert_ = store.insert_for(session)(CURSORS)
+    session.execute(insert_.on_conflict_do_update(index_elements=[CURSORS.c.subscriber_id],
+                                                  set_={"at": insert_.excluded.at}),
+                    [{"subscriber_id": s, "at": cutoff} for s in ids])
 
 
 def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None = None,
@@ -305,12 +350,13 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
     # cannot finish until every reader is in. A run that stopped halfway carries on from here.
     settings = get_settings()
     last, total, started, walked = 0, 0, False, False
+    known: dict[str, int] = {}
     try:
         while True:
             with session_scope() as session:
                 campaign = session.get(Campaign, campaign_id)
                 assert campaign is not None
-                last_seen, made = _materialise(session, campaign, frequency, cutoff, last, zone)
+                last_seen, made = _materialise(session, campaign, frequency, cutoff, last, known, zone)
             total += made
             if made:
                 with session_scope() as session:
@@ -389,16 +435,10 @@ class Content:
     sections: tuple[tuple[int | None, tuple[int, ...], int], ...]
 
 
-def contents(session: Session, delivery_ids: list[int]) -> dict[int, Content]:
-    """What each digest delivery shows, from the ledger. The entries are read as JSON text and parsed
-    once per distinct text: a run's hundred thousand entries hold a few dozen different ones."""
-    return {
-        delivery_id: _content(text)
-        for delivery_id, text in session.execute(
-            select(DigestEntry.delivery_id, cast_(DigestEntry.sections, Text))
-            .where(DigestEntry.delivery_id.in_(delivery_ids))
-        )
-    }
+def contents(session: Session, content_ids: set[int]) -> dict[int, Content]:
+    """What each of these digest contents shows, from the ledger. Each JSON text is parsed once per
+    process: a run's hundred thousand deliveries share a few dozen of them."""
+    return {content_id: _content(text) for content_id, text in _texts(session, content_ids).items()}
 
 
 @lru_cache(maxsize=4096)

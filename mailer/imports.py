@@ -272,6 +272,8 @@ class _Importer:
         now = utcnow()
         if changes.get("status") is Status.confirmed:
             changes.update(confirmed_at=now, confirm_nonce=None)
+            # As when they confirm by link: a reader who comes back starts from the first window.
+            store.forget_digest_cursor(session, subscriber.id)
         elif changes.get("status") in LEFT:
             changes.update(unsubscribed_at=now, confirm_nonce=None)
         session.execute(update(Subscriber).where(Subscriber.id == subscriber.id).values(updated_at=now, **changes))
@@ -295,7 +297,7 @@ class _Importer:
             "frequency": row.frequency or Frequency.daily, "status": row.status, "created_at": now,
             "updated_at": now, "confirmed_at": now if row.status is Status.confirmed else None,
             "unsubscribed_at": now if row.status in LEFT else None,
-            "confirm_nonce": None, "digest_cursor": None, "timezone": None, "erased_at": None,
+            "confirm_nonce": None, "timezone": None, "erased_at": None,
         } for row in rows]
         returned = session.execute(insert(Subscriber).returning(Subscriber.email_key, Subscriber.id), values)
         ids: dict[str, int] = {key: subscriber_id for key, subscriber_id in returned}

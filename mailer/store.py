@@ -34,6 +34,7 @@ from mailer.models import (
     ConsentEvent,
     Delivery,
     DeliveryState,
+    DigestCursor,
     ImportJob,
     InboundMessage,
     Notice,
@@ -165,6 +166,17 @@ def finish_notice(
     )
 
 
+def digest_cursor(session: Session, subscriber_id: int) -> datetime | None:
+    """Up to when articles have been considered for this reader's digests; None before their first."""
+    return session.scalar(select(DigestCursor.at).where(DigestCursor.subscriber_id == subscriber_id))
+
+
+def forget_digest_cursor(session: Session, subscriber_id: int) -> None:
+    """A reader who comes back after months starts afresh: their next digest covers the first window,
+    not everything published since they left."""
+    session.execute(delete(DigestCursor).where(DigestCursor.subscriber_id == subscriber_id))
+
+
 # --- Campaigns and deliveries --------------------------------------------------------------------
 
 
@@ -213,6 +225,8 @@ class Claim:
     subscriber_id: int
     attempts: int
     first_failed_at: datetime | None
+    # A digest delivery's content in the ledger (digests.contents); None for other campaigns.
+    content_id: int | None = None
 
 
 def claim_deliveries(session: Session, campaign_id: int, worker: str, limit: int) -> list[Claim]:
@@ -244,7 +258,8 @@ def claim_deliveries(session: Session, campaign_id: int, worker: str, limit: int
             .where(Delivery.id.in_(ids))
             .values(state=DeliveryState.sending, claimed_by=worker, claimed_at=now, handed_over_at=None,
                     attempts=Delivery.attempts + 1)
-            .returning(Delivery.id, Delivery.subscriber_id, Delivery.attempts, Delivery.first_failed_at)
+            .returning(Delivery.id, Delivery.subscriber_id, Delivery.attempts, Delivery.first_failed_at,
+                       Delivery.content_id)
             # No ORM objects of these rows are loaded: matching the returned rows against them is wasted time.
             .execution_options(synchronize_session=False)
         ).all()

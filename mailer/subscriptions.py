@@ -172,9 +172,7 @@ def confirm(session: Session, *, token: str, origin: Origin) -> tuple[Subscriber
     subscriber.confirmed_at = utcnow()
     subscriber.unsubscribed_at = None
     subscriber.confirm_nonce = None
-    # A reader who comes back after months starts afresh: their first digest covers one period, not
-    # everything published since they left.
-    subscriber.digest_cursor = None
+    store.forget_digest_cursor(session, subscriber.id)
     lifted = store.lift_suppression(session, subscriber.email_hash)
     if lifted:
         _record(session, subscriber, "confirm", origin, lifted_suppression=lifted)
@@ -263,7 +261,7 @@ def add_by_admin(
             subscriber.status = Status.confirmed
             subscriber.confirmed_at = utcnow()
             subscriber.confirm_nonce = None
-            subscriber.digest_cursor = None
+            store.forget_digest_cursor(session, subscriber.id)
         _record(session, subscriber, "admin-add", origin, source=source, confirmed=True)
         if welcome:
             notice = Notice(subscriber_id=subscriber.id, kind=NoticeKind.welcome)

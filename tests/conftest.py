@@ -40,7 +40,8 @@ from mailer.models import (
     Category,
     ConsentEvent,
     Delivery,
-    DigestEntry,
+    DigestContent,
+    DigestCursor,
     Feed,
     ImportJob,
     InboundMessage,
@@ -196,10 +197,10 @@ def base_env(database_url: str, smtp_port: int, outbox: Path) -> dict[str, str]:
 def empty_tables() -> None:
     with session_scope() as session:
         for table in (AdminAction.__table__, ImportJob.__table__, AdminSession.__table__, Admin.__table__,
-                      InboundMessage.__table__, Feed.__table__, DigestEntry.__table__, article_categories,
-                      Article.__table__, Delivery.__table__, Campaign.__table__, Suppression.__table__,
-                      WorkerBeat.__table__, subscriber_categories, Notice.__table__, ConsentEvent.__table__,
-                      Subscriber.__table__):
+                      InboundMessage.__table__, Feed.__table__, DigestCursor.__table__, article_categories,
+                      Article.__table__, Delivery.__table__, DigestContent.__table__, Campaign.__table__,
+                      Suppression.__table__, WorkerBeat.__table__, subscriber_categories, Notice.__table__,
+                      ConsentEvent.__table__, Subscriber.__table__):
             session.execute(delete(table))
         session.execute(delete(Category).where(Category.id > STARTER_SLUGS))
 
