@@ -49,7 +49,7 @@ class Templates:
     def __init__(self) -> None:
         self.broadcast: Variants | None = None
         self.digests: OrderedDict[Content, Variants] = OrderedDict()
-        # A loop serves one campaign: its contents are a few dozen, read from the ledger once each.
+        # A loop serves one campaign: its contents are usually a few dozen, read from the ledger once each.
         self.known: dict[int, Content] = {}
 
     def load(self, session: Session, campaign: Campaign, jobs: list[Job]) -> list[Job]:
@@ -59,6 +59,9 @@ class Templates:
                 self.broadcast = campaigns.message_templates(campaign)
             return jobs
         wanted = {job.claim.content_id for job in jobs if job.claim.content_id is not None}
+        if len(self.known) > self.KEEP * 16:
+            # A run where nearly every reader's digest differs: forget, and read again what is needed.
+            self.known.clear()
         self.known.update(digests.contents(session, wanted - self.known.keys()))
         ready = []
         for job in jobs:

@@ -12,7 +12,17 @@ from sqlalchemy import select
 
 from mailer import queue
 from mailer.db import session_scope
-from mailer.models import AdminAction, Campaign, ConsentEvent, Delivery, ImportJob, Suppression
+from mailer.models import (
+    AdminAction,
+    Campaign,
+    ConsentEvent,
+    Delivery,
+    DigestCursor,
+    ImportJob,
+    Subscriber,
+    Suppression,
+    utcnow,
+)
 from mailer.subscriptions import hash_email
 from tests.conftest import SmtpSink, consent_actions, subscriber_row
 
@@ -102,6 +112,20 @@ def test_import_updates_but_never_resubscribes_someone_who_left(admin: TestClien
     lee = subscriber_row("lee@example.org")
     assert lee is not None
     assert lee.status == "unsubscribed"
+
+
+def test_an_import_that_confirms_a_reader_starts_their_digests_afresh(admin: TestClient) -> None:
+    """A reader confirmed by a file, as by their link, gets a first digest of one period, not a backlog
+    from a cursor left over from an earlier time on the list."""
+    upload(admin, "email,name,status\nback@example.org,Back,pending\n")
+    reader = subscriber_row("back@example.org")
+    assert reader is not None
+    with session_scope() as session:
+        session.add(DigestCursor(subscriber_id=reader.id, at=utcnow().replace(year=2025)))
+    upload(admin, "email,status\nback@example.org,confirmed\n")
+    with session_scope() as session:
+        assert session.get(Subscriber, reader.id).status == "confirmed"  # type: ignore[union-attr]
+        assert session.get(DigestCursor, reader.id) is None
 
 
 def test_erased_subscriber_stays_suppressed_when_imported_again(admin: TestClient) -> None:
