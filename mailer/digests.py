@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, Text, func, or_, select, text
+from sqlalchemy import Table, Text, exists, func, or_, select, text
 from sqlalchemy import cast as cast_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -151,15 +151,14 @@ def plan(session: Session, reader: Subscriber, *, now: datetime, frequency: Freq
 
 def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef]) -> dict[int, set[int]]:
     """The articles each reader already got, among the candidates. An article can only be in digests made
-    after it was ingested, so only the contents of runs since then are read: their ids grow with time, and
-    the reader's index starts at the first of them."""
+    after it was ingested, so only contents made since then count. Every one of those has an id at least
+    the smallest of theirs, so the reader's index is read from that id on: a few older contents may come
+    along (ids do not follow the cutoffs exactly across zones and carried-on runs), which is harmless."""
     received: dict[int, set[int]] = defaultdict(set)
     if not articles:
         return received
     oldest = min(a.ingested or a.when for a in articles)
-    first = session.scalar(select(func.min(DigestContent.id)).where(DigestContent.created_at >= oldest))
-    if first is None:
-        return received
+    first = select(func.min(DigestContent.id)).where(DigestContent.created_at >= oldest).scalar_subquery()
     postgresql = session.get_bind().dialect.name == "postgresql"
     pairs = session.execute(
         select(Delivery.subscriber_id, Delivery.content_id)
@@ -168,7 +167,7 @@ def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef
     got = _article_sets(session, {content_id for _, content_id in pairs if content_id is not None})
     for subscriber_id, content_id in pairs:
         if content_id is not None:
-            received[subscriber_id] |= got[content_id]
+            received[subscriber_id] |= got.get(content_id, frozenset())
     return received
 
 
@@ -263,9 +262,10 @@ _PG_DELIVERIES = text(
     "SELECT :campaign_id, s, c, 'pending', 0 "
     "FROM unnest(CAST(:subscribers AS integer[]), CAST(:contents AS bigint[])) AS t(s, c) "
     "ON CONFLICT DO NOTHING RETURNING id")
+# A cursor only moves forwards: a reader who moved to a zone whose run has an earlier cutoff keeps theirs.
 _PG_CURSORS = text(
     "INSERT INTO digest_cursors (subscriber_id, at) SELECT s, :at FROM unnest(CAST(:subscribers AS integer[])) AS s "
-    "ON CONFLICT (subscriber_id) DO UPDATE SET at = excluded.at")
+    "ON CONFLICT (subscriber_id) DO UPDATE SET at = GREATEST(digest_cursors.at, excluded.at)")
 
 
 def _add_to_run(session: Session, campaign_id: int, planned: list[tuple[int, str]], cutoff: datetime,
@@ -292,7 +292,9 @@ def _content_ids(session: Session, campaign_id: int, texts: set[str], cutoff: da
                  known: dict[str, int]) -> dict[str, int]:
     """The run's content row for each plan, made on first sight. The upsert hands back the id of a row a
     run carried on after a stop (or another builder) made already, so a content is never stored twice."""
-    new = [t for t in texts if t not in known]
+    # In key order: two builders of one run then take the unique index's entries in the same order, and
+    # neither can wait on the other for one while holding another.
+    new = sorted((t for t in texts if t not in known), key=content_key)
     if new:
         insert_ = store.insert_for(session)(CONTENTS)
         rows = session.execute(
@@ -313,7 +315,7 @@ def _move_cursors(session: Session, ids: list[int], cutoff: datetime, *, postgre
         return
     insert_ = store.insert_for(session)(CURSORS)
     session.execute(insert_.on_conflict_do_update(index_elements=[CURSORS.c.subscriber_id],
-                                                  set_={"at": insert_.excluded.at}),
+                                                  set_={"at": func.max(CURSORS.c.at, insert_.excluded.at)}),
                     [{"subscriber_id": s, "at": cutoff} for s in ids])
 
 
@@ -335,12 +337,15 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
                 session.add(campaign)
                 session.flush()
             campaign_id, status, building = campaign.id, campaign.status, bool(campaign.building)
-            # A run carried on after a stop keeps the cutoff it began with: readers it already holds are
-            # planned again and skipped, and a later cutoff would move their cursors past articles that
-            # came in meanwhile, which no digest would then carry. A run that holds nobody yet (it found
-            # nothing new, or stopped before its first reader) takes what has come in since.
+            # A run carried on after a stop keeps the cutoff it began with: the cursors of readers it
+            # already holds sit at that cutoff, and a later one would move them past articles that came
+            # in meanwhile, which no digest would then carry. That holds from its first committed reader,
+            # even one the builder committed just before it died, before marking the run as building. A
+            # run that holds nobody yet (it found nothing new, or stopped before its first reader) takes
+            # what has come in since.
             grace = timedelta(seconds=get_settings().digest_grace_seconds)
-            cutoff = campaign.created_at - grace if campaign.building else now - grace
+            holds = building or session.scalar(select(exists().where(Delivery.campaign_id == campaign_id)))
+            cutoff = campaign.created_at - grace if holds else now - grace
     except IntegrityError:
         # Another process made this period's run a moment ago; it carries on with it.
         return RunResult(None, 0, False, zone)
@@ -351,6 +356,12 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
     settings = get_settings()
     last, total, started, walked = 0, 0, False, False
     known: dict[str, int] = {}
+    if holds and not building:
+        # The builder died after committing readers but before starting the run: start it now, or the
+        # walk below, which adds none of them again, would end it as having nobody.
+        with session_scope() as session:
+            started = campaigns.start_building(session, campaign_id)
+        campaigns.kick(campaign_id)
     try:
         while True:
             with session_scope() as session:

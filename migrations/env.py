@@ -24,31 +24,47 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     connectable = config.attributes.get("connection") or engine_for(url)
-    # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
     with connectable.connect() as connection:
-        sqlite = connection.dialect.name == "sqlite"
-        if sqlite:
-            # A rebuild copies the table and drops the old one. With foreign keys on, SQLite's DROP TABLE
-            # first deletes every row, and ON DELETE CASCADE would empty the tables that point at it. The
-            # pragma takes effect only outside a transaction, so it is set before Alembic begins one,
-            # and the keys are checked before the migration commits.
-            _foreign_keys(connection, on=False)
-        try:
-            context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
-            with context.begin_transaction():
-                context.run_migrations()
-                if sqlite:
-                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
-                    if broken:
-                        raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
-            connection.commit()
-        finally:
-            if sqlite:
-                _foreign_keys(connection, on=True)
+        if connection.dialect.name == "sqlite":
+            _run_on_sqlite(connection)
+            return
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+def _run_on_sqlite(connection: Connection) -> None:
+    """SQLite cannot ALTER most things in place: batch mode rebuilds the table, copying it and dropping
+    the old one. With foreign keys on, SQLite's DROP TABLE first deletes every row, and ON DELETE CASCADE
+    would empty the tables that point at it. So the keys are off while migrations run (the pragma only
+    takes effect outside a transaction), all of them run in one transaction, and if any ran, the keys
+    are checked before it commits."""
+    if connection.in_transaction():
+        raise RuntimeError("SQLite migrations need a connection outside a transaction, to turn foreign keys off")
+    _foreign_keys(connection, on=False)
+    try:
+        applied: list[object] = []
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                          transactional_ddl=True, on_version_apply=lambda **step: applied.append(step))
+        with context.begin_transaction():
+            context.run_migrations()
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all() if applied else []
+            if broken:
+                table, row, parent = broken[0][:3]
+                raise RuntimeError(f"after migrating, {len(broken)} rows point at rows that do not exist "
+                                   f"(the first: {table} row {row}, in {parent}); nothing was changed")
+    finally:
+        connection.rollback()
+        _foreign_keys(connection, on=True)
 
 
 def _foreign_keys(connection: Connection, *, on: bool) -> None:
-    connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")  # type: ignore[union-attr]
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    if bool(driver.execute("PRAGMA foreign_keys").fetchone()[0]) is not on:
+        raise RuntimeError("SQLite did not change foreign_keys; a transaction is open on this connection")
 
 
 if context.is_offline_mode():

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from mailer import digest, digests, queue
+from mailer import campaigns, digest, digests, queue
 from mailer.db import session_scope
 from mailer.models import Article, Delivery, DigestContent, Frequency, utcnow
 from tests.campaign_helpers import wait_until
@@ -164,6 +164,35 @@ def test_a_run_that_failed_halfway_is_finished_without_repeats(admin: TestClient
     for mail in later:
         assert "day 2" in mail.part("plain")
         assert "day 1" not in mail.part("plain")
+
+
+def test_a_builder_that_died_before_marking_its_run_keeps_the_cutoff_of_its_first_readers(
+        admin: TestClient, smtp: SmtpSink, env: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers committed to a run just before the builder died (the run not yet marked as building) are
+    not moved past what came in meanwhile: it reaches them in the next period."""
+    make_readers(3, prefix="g")
+    add(admin, article(1, "Peace & Diplomacy"))
+    real = campaigns.start_building
+
+    def dies(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("builder died")
+
+    monkeypatch.setattr(campaigns, "start_building", dies)
+    with pytest.raises(RuntimeError):
+        digests.run(Frequency.daily)
+    monkeypatch.setattr(campaigns, "start_building", real)
+    add(admin, article(2, "Peace & Diplomacy"))
+    result = digests.run(Frequency.daily)
+    assert result.started
+    wait_until(admin, result.campaign_id)
+    for mail in smtp.wait_for(3):
+        assert "day 1" in mail.part("plain")
+        assert "day 2" not in mail.part("plain")
+    following = digests.run(Frequency.daily, now=utcnow() + timedelta(days=1))
+    assert following.readers == 3
+    wait_until(admin, following.campaign_id)
+    for mail in smtp.wait_for(6)[3:]:
+        assert "day 2" in mail.part("plain")
 
 
 def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:

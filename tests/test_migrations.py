@@ -5,6 +5,7 @@ the schema they make is the one the models describe."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
+from mailer import digests
 from mailer.db import engine_for
 from mailer.migrate import alembic_config, upgrade
 from mailer.models import Base
@@ -78,6 +80,11 @@ def test_the_digest_ledger_and_cursors_are_carried_over_and_back(empty_database:
     engine = engine_for(empty_database)
     with engine.begin() as connection:
         _fill_0005(connection)
+        # The newest subscriber left and was deleted: their id is never handed out again.
+        connection.execute(text("INSERT INTO subscribers (id, email, email_key, name, frequency, status, created_at, "
+                                "updated_at) VALUES (3, 'gone@example.org', 'gone@example.org', '', 'daily', "
+                                "'unsubscribed', :w, :w)"), {"w": WHEN})
+        connection.execute(text("DELETE FROM subscribers WHERE id = 3"))
 
     upgrade(empty_database)
     with engine.begin() as connection:
@@ -92,12 +99,19 @@ def test_the_digest_ledger_and_cursors_are_carried_over_and_back(empty_database:
             "SELECT d.id, c.sections FROM deliveries d JOIN digest_contents c ON c.id = d.content_id"))}
         assert {k: v if isinstance(v, list) else json.loads(v) for k, v in carried.items()} == {
             3: [[1, [7, 8], [9]]], 4: [[1, [7, 8], [9]]], 5: [[1, [7, 8], [9]]], 6: [[None, [8], []]]}
+        for key, sections in connection.execute(text("SELECT key, sections FROM digest_contents")):
+            loaded = sections if isinstance(sections, list) else json.loads(sections)
+            assert key == digests.content_key(json.dumps(loaded)), "carried-over contents keep the builder's key"
         cursors = connection.execute(text("SELECT subscriber_id FROM digest_cursors")).scalars().all()
         assert cursors == [1]
         assert "digest_cursor" not in {c["name"] for c in inspect(connection).get_columns("subscribers")}
         if connection.dialect.name == "sqlite":
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1, \
                 "the migration turned foreign keys back on"
+            connection.execute(text("INSERT INTO subscribers (email, email_key, name, frequency, status, created_at, "
+                                    "updated_at) VALUES ('new@example.org', 'new@example.org', '', 'daily', "
+                                    "'pending', :w, :w)"), {"w": WHEN})
+            assert connection.execute(text("SELECT max(id) FROM subscribers")).scalar_one() == 4
 
     from alembic import command
 
@@ -116,3 +130,24 @@ def test_the_migrations_make_the_schema_the_models_describe(empty_database: str)
     with engine_for(empty_database).connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def test_a_sqlite_migration_that_would_leave_broken_keys_changes_nothing(tmp_path: Path) -> None:
+    """The keys are off while a rebuild runs; a migration that leaves a row pointing nowhere is rolled
+    back whole, and the connection goes back to the pool with its keys on."""
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    upgrade(url, "0005")
+    engine = engine_for(url)
+    with engine.begin() as connection:
+        _fill_0005(connection)
+    raw = sqlite3.connect(tmp_path / "orphan.db")
+    raw.execute("INSERT INTO notices (subscriber_id, kind, state, created_at) VALUES (99, 'welcome', 'sent', ?)",
+                (WHEN,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(RuntimeError, match="notices row"):
+        upgrade(url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
+        assert _count(connection, "digest_entries") == 4

@@ -69,21 +69,45 @@ def upgrade() -> None:
         batch_op.create_index('ix_deliveries_subscriber_content', ['subscriber_id', 'content_id'], unique=False)
 
     bind = op.get_bind()
-    _carry_entries_over(bind)
+    if bind.dialect.name == 'postgresql':
+        _carry_entries_over_in_sql(bind)
+    else:
+        _carry_entries_over(bind)
     bind.execute(sa.text("INSERT INTO digest_cursors (subscriber_id, at) "
                          "SELECT id, digest_cursor FROM subscribers WHERE digest_cursor IS NOT NULL"))
 
-    with op.batch_alter_table('subscribers', schema=None) as batch_op:
-        batch_op.drop_column('digest_cursor')
+    if bind.dialect.name == 'sqlite':
+        # In place, not a batch rebuild: a rebuilt table would lose AUTOINCREMENT and its high-water mark,
+        # and a deleted subscriber's id (which old links carry) could be handed out again.
+        op.execute("ALTER TABLE subscribers DROP COLUMN digest_cursor")
+    else:
+        op.drop_column('subscribers', 'digest_cursor')
 
     with op.batch_alter_table('digest_entries', schema=None) as batch_op:
         batch_op.drop_index('ix_digest_entries_reader')
     op.drop_table('digest_entries')
 
 
+def _carry_entries_over_in_sql(bind: sa.Connection) -> None:
+    """PostgreSQL: one content per distinct (run, sections text), then every delivery's pointer, as two
+    set-based statements. `json` keeps its text as written, which was json.dumps of the sections, so
+    the key is the one the builder computes."""
+    bind.execute(sa.text(
+        "INSERT INTO digest_contents (campaign_id, key, sections, created_at) "
+        "SELECT campaign_id, key, min(sections)::json, min(created_at) FROM ("
+        "  SELECT d.campaign_id, encode(sha256(convert_to(e.sections::text, 'UTF8')), 'hex') AS key, "
+        "         e.sections::text AS sections, e.created_at "
+        "  FROM digest_entries e JOIN deliveries d ON d.id = e.delivery_id) AS t "
+        "GROUP BY campaign_id, key"))
+    bind.execute(sa.text(
+        "UPDATE deliveries SET content_id = c.id FROM digest_entries e, digest_contents c "
+        "WHERE e.delivery_id = deliveries.id AND c.campaign_id = deliveries.campaign_id "
+        "AND c.key = encode(sha256(convert_to(e.sections::text, 'UTF8')), 'hex')"))
+
+
 def _carry_entries_over(bind: sa.Connection) -> None:
-    """One content per distinct (run, sections); each delivery points at its own. The entries are read
-    in id order, in chunks, so a large ledger is never held in memory at once."""
+    """SQLite: one content per distinct (run, sections); each delivery points at its own. The entries are
+    read in id order, in chunks, so a large ledger is never held in memory at once."""
     contents: dict[tuple[int, str], int] = {}
     last = 0
     while True:
