@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/digest.py                 # 100k readers, 7 categories, 2 Celery workers
     .venv/bin/python bench/digest.py --readers 20000
+    .venv/bin/python bench/digest.py --build-only    # the builder alone, no workers: where its time goes
 
 In one run it measures the sending engine's own end-to-end rate (a broadcast to the same readers,
 as bench/send.py does) and then the digest run: materialisation (grouping, ledger) plus sending,
@@ -115,11 +116,48 @@ def digest_run(env: dict[str, str], readers: int, workers: int) -> dict[str, flo
             "builder_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def build_alone(url: str, env: dict[str, str]) -> None:
+    """Materialise the run with no worker sending, and print the time spent in each kind of statement."""
+    from collections import Counter
+
+    from sqlalchemy import event
+
+    from mailer import digests
+    from mailer.config import get_settings
+    from mailer.db import engine_for
+    from mailer.models import Frequency
+
+    os.environ.update(env)
+    get_settings.cache_clear()
+    add_articles(ARTICLES)
+    spent: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    clock: dict[int, float] = {}
+
+    @event.listens_for(engine_for(url), "before_cursor_execute")
+    def _before(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        clock[id(conn)] = time.perf_counter()
+
+    @event.listens_for(engine_for(url), "after_cursor_execute")
+    def _after(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        kind = " ".join(statement.split())[:60]
+        spent[kind] += time.perf_counter() - clock.pop(id(conn))
+        calls[kind] += 1
+
+    started, cpu = time.perf_counter(), time.process_time()
+    result = digests.run(Frequency.daily)
+    print(f"built {result.readers:,} digests in {time.perf_counter() - started:.1f} s "
+          f"({time.process_time() - cpu:.1f} s of it the builder's own CPU); statements by time:")
+    for kind, seconds in spent.most_common(8):
+        print(f"  {seconds:6.2f} s  {calls[kind]:4d}×  {kind}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readers", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=24)
+    parser.add_argument("--build-only", action="store_true", help="time the builder alone, without sending")
     args = parser.parse_args()
 
     sink = common.Sink()
@@ -138,6 +176,9 @@ def main() -> None:
                "MAILER_SCHEDULE_DIGESTS": "false",
                # The articles are committed before the run starts; no grace is needed.
                "MAILER_DIGEST_GRACE_SECONDS": "0"}
+        if args.build_only:
+            build_alone(url, env)
+            return
         print(f"{args.readers:,} readers: the engine's own rate (a broadcast)…", flush=True)
         broadcast = common.end_to_end(env, args.readers, args.workers)
         add_articles(ARTICLES)
