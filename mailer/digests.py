@@ -103,11 +103,14 @@ def due(now: datetime) -> list[tuple[Frequency, str | None]]:
             if today.weekday() == settings.digest_weekday:
                 candidates.append((Frequency.weekly, zone))
         keys = {run_key(f, now, z): (f, z) for f, z in candidates}
-        # A run whose builder died (still draft or building long after it began) is offered again.
+        # A run whose builder died (still draft or building, and not heard from for a while) is offered
+        # again. Its builder's last batch counts, not when it began: a run carried on by a new builder
+        # is not offered to yet another one on every tick.
         stale = now - timedelta(minutes=STALE_BUILD_MINUTES)
+        alive = (Campaign.created_at > stale) | (Campaign.built_at > stale)
         made = set(session.scalars(select(Campaign.run_key).where(
             Campaign.run_key.in_(list(keys)),
-            ~((Campaign.status == CampaignStatus.draft) | Campaign.building) | (Campaign.created_at > stale))))
+            ~((Campaign.status == CampaignStatus.draft) | Campaign.building) | alive)))
     return [run for key, run in keys.items() if key not in made]
 
 
@@ -158,7 +161,9 @@ def _received(session: Session, reader_ids: list[int], articles: list[ArticleRef
     if not articles:
         return received
     oldest = min(a.ingested or a.when for a in articles)
-    first = select(func.min(DigestContent.id)).where(DigestContent.created_at >= oldest).scalar_subquery()
+    # `id + 0`: PostgreSQL would otherwise walk the primary key from the oldest content up to the first
+    # recent one (min() as ORDER BY id LIMIT 1), where the created_at index finds them at once.
+    first = select(func.min(DigestContent.id + 0)).where(DigestContent.created_at >= oldest).scalar_subquery()
     postgresql = session.get_bind().dialect.name == "postgresql"
     pairs = session.execute(
         select(Delivery.subscriber_id, Delivery.content_id)
@@ -361,13 +366,15 @@ def run(frequency: Frequency, *, now: datetime | None = None, zone: str | None =
         # walk below, which adds none of them again, would end it as having nobody.
         with session_scope() as session:
             started = campaigns.start_building(session, campaign_id)
-        campaigns.kick(campaign_id)
+        if started:
+            campaigns.kick(campaign_id)
     try:
         while True:
             with session_scope() as session:
                 campaign = session.get(Campaign, campaign_id)
                 assert campaign is not None
                 last_seen, made = _materialise(session, campaign, frequency, cutoff, last, known, zone)
+                campaign.built_at = utcnow()
             total += made
             if made:
                 with session_scope() as session:

@@ -231,6 +231,9 @@ class Campaign(Base):
     run_key: Mapped[str | None] = mapped_column(String(60), default=None)
     # True while a digest run is still adding readers: sending has begun, but the campaign cannot finish.
     building: Mapped[bool] = mapped_column(default=False)
+    # When a digest run's builder last committed a batch: one not heard from for a while has died, and
+    # the run is offered again (digests.due).
+    built_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # The Markdown an admin wrote, when they wrote Markdown; `html` is made from it.
     markdown: Mapped[str | None] = mapped_column(Text, default=None)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -47,16 +49,41 @@ def _run_on_sqlite(connection: Connection) -> None:
         applied: list[object] = []
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
                           transactional_ddl=True, on_version_apply=lambda **step: applied.append(step))
-        with context.begin_transaction():
-            context.run_migrations()
-            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all() if applied else []
-            if broken:
-                table, row, parent = broken[0][:3]
-                raise RuntimeError(f"after migrating, {len(broken)} rows point at rows that do not exist "
-                                   f"(the first: {table} row {row}, in {parent}); nothing was changed")
+        try:
+            with context.begin_transaction():
+                context.run_migrations()
+                broken = _broken_keys(connection) if applied else []
+                if broken:
+                    raise _BrokenKeys(broken)
+        except _BrokenKeys as error:
+            # Rolled back. Say whether the migration broke them or they were broken before it ran.
+            connection.rollback()
+            before = _broken_keys(connection)
+            table, row, parent = error.rows[0][:3]
+            if before:
+                raise RuntimeError(f"{len(before)} rows already point at rows that do not exist (the first: {table} "
+                                   f"row {row}, in {parent}); mend them, then migrate again. Nothing was changed.") \
+                    from None
+            raise RuntimeError(f"after migrating, {len(error.rows)} rows would point at rows that do not exist (the "
+                               f"first: {table} row {row}, in {parent}); nothing was changed") from None
     finally:
         connection.rollback()
-        _foreign_keys(connection, on=True)
+        try:
+            _foreign_keys(connection, on=True)
+        except Exception:
+            # Never hand a connection with its keys off back to the pool the app uses.
+            connection.invalidate()
+            raise
+
+
+class _BrokenKeys(Exception):
+    def __init__(self, rows: list[Any]) -> None:
+        super().__init__(f"{len(rows)} rows point nowhere")
+        self.rows = rows
+
+
+def _broken_keys(connection: Connection) -> list[Any]:
+    return list(connection.exec_driver_sql("PRAGMA foreign_key_check").all())
 
 
 def _foreign_keys(connection: Connection, *, on: bool) -> None:

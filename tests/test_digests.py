@@ -232,6 +232,23 @@ def test_preview_and_odd_feeds(admin: TestClient, tmp_path: Path) -> None:
     queue.drain()
 
 
+def test_a_run_still_being_built_is_not_offered_again_but_a_silent_one_is(env: Callable[..., None]) -> None:
+    """A run whose builder died is offered again; once a new builder carries it on and commits batches,
+    the tick does not start yet another builder for it, however long ago the run began."""
+    from mailer.models import Campaign, CampaignKind, CampaignStatus
+
+    env(schedule_digests="true", digest_hour="0")
+    now = utcnow()
+    with session_scope() as session:
+        session.add(Campaign(kind=CampaignKind.digest, subject="Daily digest", html="", text="", categories=[],
+                             status=CampaignStatus.sending, status_reason="", total=0, building=True,
+                             run_key=digests.run_key(Frequency.daily, now), created_at=now - timedelta(hours=2)))
+    assert (Frequency.daily, None) in digests.due(now)
+    with session_scope() as session:
+        session.execute(update(Campaign).values(built_at=now - timedelta(minutes=1)))
+    assert (Frequency.daily, None) not in digests.due(now)
+
+
 def test_digests_are_due_at_the_hour_in_the_site_time_zone(env: Callable[..., None]) -> None:
     """Daily runs start at MAILER_DIGEST_HOUR local time, weekly ones on the weekday; a made run is not due."""
     from datetime import datetime

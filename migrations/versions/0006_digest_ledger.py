@@ -1,9 +1,10 @@
-"""digest ledger on the delivery, digest cursors in their own table
+"""digest ledger on the delivery, digest cursors in their own table, the builder's heartbeat
 
 The ledger kept one `digest_entries` row per digest delivery, with its own three indexes, and a run
 moved every due reader's `subscribers.digest_cursor`, which rewrote each subscriber row and its four
 indexes. Now a digest delivery points at its run's distinct content (`digest_contents`, a few dozen rows
 a run), and cursors live in the narrow `digest_cursors`. Every entry and cursor is carried over.
+`campaigns.built_at` records when a run's builder last committed a batch.
 
 Revision ID: 0006
 Revises: 0005
@@ -67,6 +68,9 @@ def upgrade() -> None:
                                     ['content_id'], ['id'], ondelete='CASCADE')
         batch_op.drop_index('ix_deliveries_subscriber')
         batch_op.create_index('ix_deliveries_subscriber_content', ['subscriber_id', 'content_id'], unique=False)
+
+    with op.batch_alter_table('campaigns', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('built_at', mailer.models.UTCDateTime(), nullable=True))
 
     bind = op.get_bind()
     if bind.dialect.name == 'postgresql':
@@ -164,6 +168,8 @@ def downgrade() -> None:
         batch_op.drop_constraint('fk_deliveries_content_id_digest_contents', type_='foreignkey')
         batch_op.drop_column('content_id')
     op.drop_table('digest_cursors')
+    with op.batch_alter_table('campaigns', schema=None) as batch_op:
+        batch_op.drop_column('built_at')
     with op.batch_alter_table('digest_contents', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_digest_contents_created_at'))
     op.drop_table('digest_contents')
