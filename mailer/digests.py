@@ -299,18 +299,18 @@ def _content_ids(session: Session, campaign_id: int, texts: set[str], cutoff: da
     run carried on after a stop (or another builder) made already, so a content is never stored twice."""
     # In key order: two builders of one run then take the unique index's entries in the same order, and
     # neither can wait on the other for one while holding another.
-    new = sorted((t for t in texts if t not in known), key=content_key)
-    if new:
+    keys = {t: content_key(t) for t in texts if t not in known}
+    if keys:
         insert_ = store.insert_for(session)(CONTENTS)
         rows = session.execute(
             insert_.on_conflict_do_update(index_elements=[CONTENTS.c.campaign_id, CONTENTS.c.key],
                                           set_={"key": insert_.excluded.key})
             .returning(CONTENTS.c.id, CONTENTS.c.key),
-            [{"campaign_id": campaign_id, "key": content_key(t), "sections": json.loads(t), "created_at": cutoff}
-             for t in new],
+            [{"campaign_id": campaign_id, "key": key, "sections": json.loads(t), "created_at": cutoff}
+             for t, key in sorted(keys.items(), key=lambda item: item[1])],
         ).all()
         by_key = {key: content_id for content_id, key in rows}
-        known.update({t: by_key[content_key(t)] for t in new})
+        known.update({t: by_key[key] for t, key in keys.items()})
     return known
 
 
